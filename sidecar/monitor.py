@@ -1,0 +1,156 @@
+"""The poll loop: scrape vLLM every interval, keep a bounded history, publish an immutable ``Health``.
+
+Exporters normally scrape upstream when Prometheus scrapes them. This one polls on its own clock because
+windowed rates need a history of its own: a 5m acceptance is there even when Prometheus scrapes every 60s,
+and several Prometheus replicas do not multiply the load on vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.config import Settings
+from sidecar.derive import Health, Point, advance, derive
+from sidecar.scrape import ScrapeError, ScrapeResult, Scraper
+
+log = structlog.get_logger("sidecar.monitor")
+
+
+@dataclass(frozen=True, slots=True)
+class MonitorState:
+    """What the collector reads. Replaced whole after every scrape; never mutated."""
+
+    up: bool = False
+    health: Health | None = None
+    scrapes: int = 0
+
+
+class OwnMetrics:
+    """Metrics about the sidecar's own scraping, on the injected registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.duration = Histogram(
+            "specdec_upstream_scrape_duration_seconds",
+            "Duration of the sidecar's polls of vLLM /metrics (successful or not).",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
+        self.errors = Counter(
+            "specdec_upstream_scrape_errors",
+            "Failed polls of vLLM /metrics by reason (connect, timeout, http_status, parse).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in ScrapeError:
+            self.errors.labels(reason.value)
+        self.scrapes = Counter(
+            "specdec_upstream_scrapes", "Polls of vLLM /metrics attempted.", registry=registry
+        )
+        self.invalid_lines = Counter(
+            "specdec_upstream_invalid_lines",
+            "Lines of wanted vLLM series that did not parse and were skipped.",
+            registry=registry,
+        )
+        self.resets = Counter(
+            "specdec_upstream_counter_resets",
+            "vLLM engines seen restarting (a counter went down); windows count across the reset.",
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "specdec_upstream_last_success_timestamp_seconds",
+            "Unix time of the last successful poll of vLLM /metrics.",
+            registry=registry,
+        )
+
+
+class Monitor:
+    def __init__(
+        self,
+        settings: Settings,
+        scraper: Scraper,
+        registry: CollectorRegistry,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._scraper = scraper
+        self._clock = clock
+        self._points: deque[Point] = deque()
+        self._max_window = max(settings.windows)
+        self.metrics = OwnMetrics(registry)
+        self.state = MonitorState()
+        self._last_error: ScrapeError | None = None
+
+    def record(self, result: ScrapeResult, t: float) -> None:
+        """Fold one scrape result into the history and publish a new state (synchronous, no I/O)."""
+        self.metrics.scrapes.inc()
+        self.metrics.duration.observe(result.duration)
+        if not result.ok:
+            assert result.error is not None
+            self.metrics.errors.labels(result.error.value).inc()
+            if self.state.up or self.state.scrapes == 0 or self._last_error != result.error:
+                log.warning(
+                    "upstream_lost" if self.state.up else "upstream_unavailable",
+                    url=self._scraper.url,
+                    reason=result.error.value,
+                    detail=result.detail,
+                )
+            self._last_error = result.error
+            self.state = MonitorState(up=False, health=None, scrapes=self.state.scrapes + 1)
+            return
+
+        assert result.snapshot is not None
+        if not self.state.up:
+            log.info(
+                "upstream_up" if self.state.scrapes == 0 else "upstream_back",
+                url=self._scraper.url,
+                models=result.snapshot.models,
+                engines=len(result.snapshot.engines),
+            )
+        self._last_error = None
+        point = advance(self._points[-1] if self._points else None, t, result.snapshot)
+        if point.resets:
+            self.metrics.resets.inc(point.resets)
+            log.info("upstream_counters_reset", engines=point.resets)
+        self.metrics.invalid_lines.inc(result.snapshot.invalid_lines)
+        self.metrics.last_success.set(time.time())
+        self._points.append(point)
+        while len(self._points) > 2 and self._points[1].t <= t - self._max_window:
+            self._points.popleft()
+        s = self.settings
+        health = derive(
+            self._points,
+            s.windows,
+            min_drafts=s.min_drafts,
+            verdict_window=s.verdict_window,
+            break_even=s.break_even,
+            near_upper=s.near_break_even_upper,
+            tolerance=s.scrape_interval / 2,
+        )
+        self.state = MonitorState(up=True, health=health, scrapes=self.state.scrapes + 1)
+
+    async def poll_once(self) -> None:
+        result = await self._scraper.scrape()
+        self.record(result, self._clock())
+
+    async def run(self) -> None:
+        """Poll forever on a fixed schedule (no drift; a slow scrape skips missed ticks)."""
+        interval = self.settings.scrape_interval
+        next_tick = self._clock()
+        while True:
+            await self.poll_once()
+            next_tick += interval
+            now = self._clock()
+            if next_tick < now:
+                next_tick = now + interval - ((now - next_tick) % interval)
+            await asyncio.sleep(next_tick - now)
+
+    @property
+    def history_length(self) -> int:
+        return len(self._points)

@@ -1,0 +1,151 @@
+"""What the sidecar reads from a vLLM /metrics page, as an immutable snapshot per (model, engine).
+
+Supported: vLLM V1 engine names (0.8 through 0.32 checked against 0.32 captures) and the older V0 names
+(``vllm:gpu_cache_usage_perc``, ``vllm:spec_decode_draft_acceptance_rate``, ``..._efficiency``,
+``..._num_emitted_tokens_total``). ``engine`` is absent on V0; it is then read as ``"0"``.
+``vllm:cache_config_info`` carries only ``engine``; its facts are attached to every model on that engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from sidecar.exposition import Exposition, parse
+
+# Sample name -> EngineSample field for plain (non-positional) values.
+COUNTERS = {
+    "vllm:spec_decode_num_drafts_total": "drafts",
+    "vllm:spec_decode_num_draft_tokens_total": "draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens_total": "accepted_tokens",
+    "vllm:spec_decode_num_emitted_tokens_total": "emitted_tokens",
+    "vllm:generation_tokens_total": "generation_tokens",
+    "vllm:num_preemptions_total": "preemptions",
+}
+GAUGES = {
+    "vllm:num_requests_running": "running",
+    "vllm:num_requests_waiting": "waiting",
+    "vllm:kv_cache_usage_perc": "kv_usage",
+    "vllm:gpu_cache_usage_perc": "kv_usage_v0",
+    "vllm:spec_decode_draft_acceptance_rate": "v0_acceptance_rate",
+    "vllm:spec_decode_efficiency": "v0_efficiency",
+}
+PER_POSITION = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+CACHE_CONFIG = "vllm:cache_config_info"
+CACHE_FACTS = {
+    "kv_cache_size_tokens": "kv_capacity_tokens",
+    "kv_cache_memory_bytes": "kv_capacity_bytes",
+    "num_gpu_blocks": "num_blocks",
+    "block_size": "block_size",
+}
+WANTED = frozenset([*COUNTERS, *GAUGES, PER_POSITION, CACHE_CONFIG])
+DEFAULT_ENGINE = "0"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    """Raw values for one (model, engine) at one scrape. ``None`` = not exported by this vLLM."""
+
+    drafts: float | None = None
+    draft_tokens: float | None = None
+    accepted_tokens: float | None = None
+    emitted_tokens: float | None = None
+    generation_tokens: float | None = None
+    preemptions: float | None = None
+    accepted_per_position: Mapping[int, float] = field(default_factory=lambda: MappingProxyType({}))
+    running: float | None = None
+    waiting: float | None = None
+    kv_usage: float | None = None
+    kv_usage_v0: float | None = None
+    v0_acceptance_rate: float | None = None
+    v0_efficiency: float | None = None
+    kv_capacity_tokens: float | None = None
+    kv_capacity_bytes: float | None = None
+    num_blocks: float | None = None
+    block_size: float | None = None
+
+    @property
+    def kv_usage_ratio(self) -> float | None:
+        """KV cache usage 0..1 from whichever name this vLLM exports (V1 first)."""
+        return self.kv_usage if self.kv_usage is not None else self.kv_usage_v0
+
+    def counter(self, name: str) -> float | None:
+        return getattr(self, name)
+
+
+SeriesKey = tuple[str, str]  # (model, engine)
+
+
+@dataclass(frozen=True, slots=True)
+class VllmSnapshot:
+    """Everything read from one successful scrape, keyed by (model, engine)."""
+
+    engines: Mapping[SeriesKey, EngineSample]
+    invalid_lines: int = 0
+
+    @property
+    def models(self) -> list[str]:
+        return sorted({model for model, _ in self.engines})
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def snapshot_from_exposition(exposition: Exposition) -> VllmSnapshot:
+    values: dict[SeriesKey, dict[str, object]] = {}
+    positions: dict[SeriesKey, dict[int, float]] = {}
+    cache_facts: dict[str, dict[str, float]] = {}
+
+    for sample in exposition.samples:
+        name = sample.name
+        engine = sample.label("engine", DEFAULT_ENGINE) or DEFAULT_ENGINE
+        if name == CACHE_CONFIG:
+            facts = cache_facts.setdefault(engine, {})
+            for label, attr in CACHE_FACTS.items():
+                number = _number(sample.label(label))
+                if number is not None:
+                    facts[attr] = number
+            continue
+        value = _finite(sample.value)
+        if value is None:
+            continue
+        model = sample.label("model_name", "")
+        key = (model, engine)
+        if name == PER_POSITION:
+            try:
+                position = int(sample.label("position"))
+            except ValueError:
+                continue
+            per_pos = positions.setdefault(key, {})
+            per_pos[position] = per_pos.get(position, 0.0) + value
+            continue
+        attr = COUNTERS.get(name) or GAUGES[name]
+        fields = values.setdefault(key, {})
+        # Several series may map to one key (e.g. extra labels we do not split on): add them up.
+        fields[attr] = float(fields.get(attr, 0.0)) + value  # type: ignore[arg-type]
+
+    engines: dict[SeriesKey, EngineSample] = {}
+    for key in sorted(set(values) | set(positions)):
+        fields = dict(values.get(key, {}))
+        fields.update(cache_facts.get(key[1], {}))
+        per_pos = positions.get(key)
+        if per_pos:
+            fields["accepted_per_position"] = MappingProxyType(dict(sorted(per_pos.items())))
+        engines[key] = EngineSample(**fields)  # type: ignore[arg-type]
+    return VllmSnapshot(engines=MappingProxyType(engines), invalid_lines=exposition.invalid_lines)
+
+
+def read_vllm_metrics(text: str) -> VllmSnapshot:
+    """Parse a vLLM /metrics page into a snapshot."""
+    return snapshot_from_exposition(parse(text, WANTED))

@@ -1,0 +1,76 @@
+"""Settings: flags over env over defaults; every bad value is one line naming the setting, exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from sidecar.cli import main
+from sidecar.config import SettingsError, build_settings, format_duration, parse_duration
+
+
+def test_defaults():
+    s = build_settings()
+    assert s.upstream == "http://127.0.0.1:8000"
+    assert s.windows == [60.0, 300.0, 900.0]
+    assert (s.break_even, s.near_break_even_upper, s.verdict_window) == (0.5, 0.65, 300.0)
+    assert s.log_format == "json"
+
+
+def test_env_applies_and_flag_wins(monkeypatch):
+    monkeypatch.setenv("SPECDEC_SCRAPE_INTERVAL", "10s")
+    monkeypatch.setenv("SPECDEC_WINDOWS", "1m, 30m")
+    monkeypatch.setenv("SPECDEC_VERDICT_WINDOW", "30m")
+    monkeypatch.setenv("SPECDEC_MIN_DRAFTS", "7")
+    s = build_settings(min_drafts="9")
+    assert s.scrape_interval == 10.0
+    assert s.windows == [60.0, 1800.0]
+    assert s.min_drafts == 9
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        ({"scrape_interval": "soon"}, "--scrape-interval / SPECDEC_SCRAPE_INTERVAL"),
+        ({"break_even": "0.7"}, "must be above break_even"),
+        ({"windows": "1m,15m"}, "verdict_window (5m) is not one of windows (1m,15m)"),
+        ({"windows": ""}, "--windows"),
+        ({"metrics_port": "-1"}, "--metrics-port"),
+        ({"upstream": "vllm:8000"}, "--upstream"),
+        ({"scrape_timeout": "10s"}, "scrape_timeout (10s) exceeds scrape_interval (5s)"),
+        ({"windows": "5s,5m"}, "shorter than two scrape intervals"),
+        ({"log_level": "loud"}, "--log-level"),
+    ],
+)
+def test_bad_values_name_the_setting(flags, fragment):
+    with pytest.raises(SettingsError) as info:
+        build_settings(**flags)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_cli_exits_2_with_one_line(capsys):
+    assert main(["serve", "--near-break-even-upper", "lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert err[0].startswith("specdec-sidecar: invalid setting --near-break-even-upper")
+
+
+def test_python_dash_m_entry_point_reports_bad_env():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve"],
+        env={"SPECDEC_MIN_DRAFTS": "none", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert "SPECDEC_MIN_DRAFTS" in proc.stderr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("250ms", 0.25), ("5", 5.0), ("5s", 5.0), ("1m", 60.0), ("2h", 7200.0)])
+def test_durations_round_trip(text, seconds):
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds
