@@ -1,4 +1,9 @@
-"""The sidecar's HTTP application: /metrics, /healthz, /readyz, and the poll loop's lifetime."""
+"""The sidecar's HTTP side: /metrics, /healthz, /readyz, the optional proxy, and background tasks' lifetime.
+
+``create_app`` returns the metrics application. Its cleanup context owns, in order: the shared aiohttp
+client session, the monitor (poll loop), the model-name refresher and, when ``proxy_port`` is set, the proxy
+listening on its own port. Everything is cancelled and awaited on shutdown.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from sidecar import __version__
 from sidecar.collector import HealthCollector
 from sidecar.config import Settings
 from sidecar.monitor import Monitor
+from sidecar.proxy import Proxy, create_proxy_app
+from sidecar.request_metrics import ModelNames, RequestMetrics
 from sidecar.scrape import Scraper
 
 log = structlog.get_logger("sidecar.app")
@@ -24,7 +31,12 @@ SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 MONITOR = web.AppKey("monitor", Monitor)
+REQUESTS = web.AppKey("requests", RequestMetrics)
+MODEL_NAMES = web.AppKey("model_names", ModelNames)
 POLL_TASK = web.AppKey("poll_task", asyncio.Task)
+PROXY_PORT = web.AppKey("proxy_port", int)
+
+MODEL_REFRESH_SECONDS = 60.0
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -50,14 +62,21 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300), auto_decompress=True
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, force_close=False),
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
     app[SESSION] = session
-    settings = app[SETTINGS]
-    monitor = Monitor(settings, Scraper(session, settings.upstream, settings.scrape_timeout), app[REGISTRY])
+    monitor = Monitor(
+        settings,
+        Scraper(session, settings.upstream, settings.scrape_timeout),
+        app[REGISTRY],
+        on_tick=app[REQUESTS].checkpoint,
+    )
     app[MONITOR] = monitor
-    app[REGISTRY].register(HealthCollector(lambda: monitor.state, settings))
+    app[REGISTRY].register(HealthCollector(lambda: monitor.state, settings, app[REQUESTS]))
     yield
     await session.close()
 
@@ -71,14 +90,73 @@ async def _poll_loop(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
+async def _refresh_models(app: web.Application) -> None:
+    """Keep the model label set equal to what vLLM serves (bounded; unknown names become ``other``)."""
+    settings, session = app[SETTINGS], app[SESSION]
+    url = settings.upstream + "/v1/models"
+    while True:
+        try:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=settings.scrape_timeout)) as resp:
+                if resp.status == 200:
+                    data = await resp.json(content_type=None)
+                    names = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+                    app[MODEL_NAMES].update_served(n for n in names if isinstance(n, str))
+                    await asyncio.sleep(MODEL_REFRESH_SECONDS)
+                    continue
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, AttributeError):
+            pass
+        await asyncio.sleep(settings.scrape_interval)
+
+
+async def _model_refresher(app: web.Application) -> AsyncIterator[None]:
+    task = None
+    if not app[SETTINGS].models:
+        task = asyncio.create_task(_refresh_models(app), name="specdec-models")
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _proxy(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.proxy_port is None:
+        yield
+        return
+    proxy = Proxy(
+        app[SESSION],
+        settings.upstream,
+        app[REQUESTS],
+        max_observed_body=settings.max_observed_body,
+        connect_timeout=settings.upstream_connect_timeout,
+    )
+    # handler_cancellation: a client that disconnects cancels its handler at once, which closes the
+    # upstream connection so vLLM aborts the request instead of generating for nobody.
+    runner = web.AppRunner(create_proxy_app(proxy), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, backlog=1024)
+    await site.start()
+    app[PROXY_PORT] = runner.addresses[0][1]
+    log.info("proxy_started", listen=f"{settings.proxy_host}:{app[PROXY_PORT]}", upstream=settings.upstream)
+    yield
+    await runner.cleanup()
+
+
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:
     app = web.Application()
     app[SETTINGS] = settings
     app[REGISTRY] = registry if registry is not None else CollectorRegistry()
     info = Gauge("specdec_build_info", "specdec-sidecar version.", ["version"], registry=app[REGISTRY])
     info.labels(__version__).set(1)
+    app[MODEL_NAMES] = ModelNames(settings.models)
+    app[REQUESTS] = RequestMetrics(
+        app[REGISTRY], settings.temperature_buckets, app[MODEL_NAMES], history=max(settings.windows)
+    )
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_poll_loop)
+    app.cleanup_ctx.append(_model_refresher)
+    app.cleanup_ctx.append(_proxy)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -23,7 +23,8 @@ from prometheus_client.registry import Collector
 from sidecar.config import Settings, format_duration
 from sidecar.derive import GroupHealth, WindowStats
 from sidecar.monitor import MonitorState
-from sidecar.verdict import VERDICTS
+from sidecar.request_metrics import RequestMetrics
+from sidecar.verdict import VERDICTS, decide
 
 # (suffix, help, getter) for per-window values; rendered for models and, with an engine label, engines.
 WINDOWED: tuple[tuple[str, str, Callable[[WindowStats], float | None]], ...] = (
@@ -70,9 +71,15 @@ POLL_NOTE = "Derived from the sidecar's own poll of vLLM /metrics every {interva
 class HealthCollector(Collector):
     """Yields fresh families from ``get_state()`` each time Prometheus (or a test) collects."""
 
-    def __init__(self, get_state: Callable[[], MonitorState], settings: Settings) -> None:
+    def __init__(
+        self,
+        get_state: Callable[[], MonitorState],
+        settings: Settings,
+        requests: RequestMetrics | None = None,
+    ) -> None:
         self._get_state = get_state
         self._settings = settings
+        self._requests = requests
         self._note = " " + POLL_NOTE.format(interval=format_duration(settings.scrape_interval))
 
     def describe(self) -> list:  # families vary with the upstream; skip the registration-time collect
@@ -85,9 +92,41 @@ class HealthCollector(Collector):
         )
         up.add_metric([], 1.0 if state.up else 0.0)
         yield up
+        if self._requests is not None:
+            yield from self._buckets(self._requests)
         if not state.up or state.health is None:
             return
         yield from self._render(state)
+
+    def _buckets(self, requests: RequestMetrics) -> Iterator[GaugeMetricFamily]:
+        """Acceptance and verdict per (model, temperature bucket) from the tap's per-request numbers."""
+        s = self._settings
+        tolerance = s.scrape_interval / 2
+        rate = GaugeMetricFamily(
+            "specdec_bucket_acceptance_rate",
+            "Accepted / drafted tokens per temperature bucket over the window, summed over the requests vLLM "
+            "reported per-request metrics for. Absent below --min-drafts verify steps." + self._note,
+            labels=["model", "temperature_bucket", "window"],
+        )
+        verdict = GaugeMetricFamily(
+            "specdec_bucket_verdict",
+            f"Verdict per model and temperature bucket over the {format_duration(s.verdict_window)} window "
+            "(StateSet: 1 for the current state), same thresholds as specdec_verdict.",
+            labels=["model", "temperature_bucket", "verdict"],
+        )
+        for window in s.windows:
+            deltas = requests.bucket_deltas(window, tolerance)
+            for (model, bucket), totals in sorted(deltas.items()):
+                enough = totals.steps >= s.min_drafts and totals.drafted > 0
+                value = min(1.0, max(0.0, totals.accepted / totals.drafted)) if enough else None
+                if value is not None:
+                    rate.add_metric([model, bucket, format_duration(window)], value)
+                if window == s.verdict_window:
+                    current = decide(value, s.break_even, s.near_break_even_upper)
+                    for state_name in VERDICTS:
+                        verdict.add_metric([model, bucket, state_name.value], 1.0 if state_name is current else 0.0)
+        yield rate
+        yield verdict
 
     def _render(self, state: MonitorState) -> Iterator[GaugeMetricFamily]:
         health = state.health

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from sidecar.buckets import DEFAULT_EDGES, TemperatureBuckets, parse_edges
+
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -76,6 +78,25 @@ class Settings(BaseSettings):
     min_drafts: int = Field(
         100, ge=1, description="Fewest draft steps in a window before acceptance is exported and a verdict given."
     )
+    proxy_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the request-path proxy to vLLM (unset = no proxy; 0 = any free port)."
+    )
+    proxy_host: str = Field("0.0.0.0", description="Address the proxy binds to.")
+    temperature_edges: Annotated[tuple[float, ...], NoDecode] = Field(
+        DEFAULT_EDGES,
+        description="Upper edges of the temperature buckets above 0, comma separated (0 is always its own bucket).",
+    )
+    default_temperature: float | None = Field(
+        None, ge=0, description="Temperature vLLM applies when a request omits it (unset = bucket `default`)."
+    )
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Allowed model label values, comma separated (unset = what vLLM's /v1/models lists).",
+    )
+    max_observed_body: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request or non-streamed response body (bytes) the tap parses."
+    )
+    upstream_connect_timeout: float = Field(5.0, description="Timeout to connect to vLLM for a proxied request.")
     log_format: Literal["json", "console"] = Field("json", description="json (one object per line) or console.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
 
@@ -87,7 +108,19 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value
 
-    @field_validator("scrape_interval", "scrape_timeout", "verdict_window", mode="before")
+    @field_validator("temperature_edges", mode="before")
+    @classmethod
+    def _edges(cls, value: object) -> tuple[float, ...]:
+        edges = parse_edges(value)  # type: ignore[arg-type]
+        TemperatureBuckets(edges)  # raises ValueError with the reason
+        return edges
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("scrape_interval", "scrape_timeout", "verdict_window", "upstream_connect_timeout", mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         return parse_duration(value)  # type: ignore[arg-type]
@@ -129,6 +162,10 @@ class Settings(BaseSettings):
                     f"({format_duration(2 * self.scrape_interval)})"
                 )
         return self
+
+    @property
+    def temperature_buckets(self) -> TemperatureBuckets:
+        return TemperatureBuckets(self.temperature_edges, self.default_temperature)
 
 
 class SettingsError(Exception):

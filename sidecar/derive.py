@@ -75,7 +75,8 @@ def base_point(points: Sequence[Point], window: float, tolerance: float) -> Poin
         return None
     target = points[-1].t - window + tolerance
     chosen = points[0]
-    for point in points[:-1]:
+    for i in range(len(points) - 1):
+        point = points[i]
         if point.t <= target:
             chosen = point
         else:

@@ -23,6 +23,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        # Resolve sys.stderr at each use (logs are rare: state changes only), so a replaced stream is honoured.
+        logger_factory=lambda *args: structlog.WriteLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )

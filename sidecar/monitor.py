@@ -77,6 +77,7 @@ class Monitor:
         scraper: Scraper,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.monotonic,
+        on_tick: Callable[[float], None] | None = None,
     ) -> None:
         self.settings = settings
         self._scraper = scraper
@@ -86,6 +87,7 @@ class Monitor:
         self.metrics = OwnMetrics(registry)
         self.state = MonitorState()
         self._last_error: ScrapeError | None = None
+        self._on_tick = on_tick
 
     def record(self, result: ScrapeResult, t: float) -> None:
         """Fold one scrape result into the history and publish a new state (synchronous, no I/O)."""
@@ -137,7 +139,10 @@ class Monitor:
 
     async def poll_once(self) -> None:
         result = await self._scraper.scrape()
-        self.record(result, self._clock())
+        now = self._clock()
+        self.record(result, now)
+        if self._on_tick is not None:
+            self._on_tick(now)
 
     async def run(self) -> None:
         """Poll forever on a fixed schedule (no drift; a slow scrape skips missed ticks)."""

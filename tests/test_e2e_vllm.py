@@ -1,0 +1,150 @@
+"""End to end against a real vLLM (CPU build) serving the tiny pair with draft-model speculation (k=4).
+
+Traffic with a mix of temperatures, streaming and not, chat and completions, at concurrency 8, goes through
+the sidecar's proxy. The sidecar's numbers must equal what vLLM itself said: per temperature bucket, the
+sums of vLLM's per-request numbers; in total, the deltas of vLLM's own counters; and the windowed
+acceptance the deltas of vLLM's counters give over the same interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from conftest import wait_for
+from sidecar.app import MONITOR, PROXY_PORT, create_app
+from sidecar.buckets import TemperatureBuckets
+from sidecar.config import build_settings
+from sidecar.vllm_metrics import read_vllm_metrics
+from sidecar.vllm_server import REPO, VllmServer, draft_model_config, vllm_python
+
+pytestmark = pytest.mark.vllm
+
+MODELS = REPO / "models"
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory):
+    if not vllm_python().exists():
+        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
+    log = Path(tmp_path_factory.mktemp("vllm")) / "vllm.log"
+    server = VllmServer(
+        model=MODELS / "tiny-target", speculative=draft_model_config(MODELS / "tiny-draft"), log_path=log,
+        startup_timeout=400,
+    )
+    with server:
+        yield server
+
+
+async def vllm_counters(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as r:
+        snap = read_vllm_metrics(await r.text())
+    total: dict[str, float] = defaultdict(float)
+    for sample in snap.engines.values():
+        total["accepted"] += sample.accepted_tokens or 0
+        total["drafted"] += sample.draft_tokens or 0
+        total["drafts"] += sample.drafts or 0
+    return dict(total)
+
+
+def spec_of(body: bytes, stream: bool) -> dict:
+    if not stream:
+        return json.loads(body)["metrics"]["speculative_decoding"]
+    events = [json.loads(l[6:]) for l in body.decode().splitlines() if l.startswith("data: {")]
+    return [e for e in events if e.get("metrics")][-1]["metrics"]["speculative_decoding"]
+
+
+TEMPERATURES = [0.0, 0.2, 0.5, 0.8, 1.0, None]
+
+
+def requests_mix(n: int) -> list[tuple[str, dict, bool]]:
+    out = []
+    for i in range(n):
+        temperature = TEMPERATURES[i % len(TEMPERATURES)]
+        stream = (i // len(TEMPERATURES)) % 2 == 1
+        chat = (i // (2 * len(TEMPERATURES))) % 2 == 1
+        body: dict = {"model": "tiny-target", "max_tokens": 24 + (i % 3) * 8, "stream": stream}
+        if temperature is not None:
+            body["temperature"] = temperature
+        if chat:
+            body["messages"] = [{"role": "user", "content": f"import os{i}"}]
+            out.append(("/v1/chat/completions", body, stream))
+        else:
+            body["prompt"] = f"def f{i}("
+            out.append(("/v1/completions", body, stream))
+    return out
+
+
+async def test_sidecar_equals_vllm(vllm, aiohttp_client):
+    registry = CollectorRegistry()
+    settings = build_settings(
+        upstream=vllm.url, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m,1h", verdict_window="1h",
+        proxy_port=0, proxy_host="127.0.0.1", min_drafts=1,
+    )
+    client = await aiohttp_client(create_app(settings, registry))
+    monitor = client.app[MONITOR]
+    proxy = f"http://127.0.0.1:{client.app[PROXY_PORT]}"
+    await wait_for(lambda: monitor.state.up, timeout=30, what="sidecar to see vLLM")
+
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        before = await vllm_counters(session, vllm.url)
+        # The sidecar's first point must hold exactly these counters: vLLM is idle from here until traffic.
+        first_points = monitor.history_length
+        await wait_for(lambda: monitor.history_length > first_points, what="a poll after the baseline")
+
+        buckets = TemperatureBuckets()
+        expected: dict[str, dict[str, int]] = defaultdict(lambda: {"accepted": 0, "drafted": 0, "requests": 0})
+        semaphore = asyncio.Semaphore(8)
+
+        async def send(path: str, body: dict, stream: bool) -> None:
+            async with semaphore:
+                async with session.post(proxy + path, json=body, timeout=aiohttp.ClientTimeout(total=300)) as r:
+                    raw = await r.read()
+                    assert r.status == 200, raw[:300]
+            spec = spec_of(raw, stream)
+            bucket = buckets.bucket(body.get("temperature"), "temperature" in body)
+            expected[bucket]["accepted"] += spec["num_accepted_draft_tokens"]
+            expected[bucket]["drafted"] += spec["num_draft_tokens"]
+            expected[bucket]["requests"] += 1
+
+        mix = requests_mix(48)
+        await asyncio.gather(*(send(*m) for m in mix))
+        after = await vllm_counters(session, vllm.url)
+        polls = monitor.state.scrapes
+        await wait_for(lambda: monitor.state.scrapes >= polls + 2, what="polls after the traffic")
+
+    get = registry.get_sample_value
+    total_accepted = total_drafted = 0.0
+    for bucket, want in expected.items():
+        labels = {"model": "tiny-target", "temperature_bucket": bucket, "source": "vllm"}
+        assert get("specdec_request_accepted_tokens_total", labels) == want["accepted"], bucket
+        assert get("specdec_request_draft_tokens_total", labels) == want["drafted"], bucket
+        hist = {"model": "tiny-target", "temperature_bucket": bucket}
+        assert get("specdec_request_acceptance_rate_count", hist) == want["requests"]
+        ttft = sum(get("specdec_request_ttft_seconds_count", {**hist, "stream": s}) or 0 for s in ("true", "false"))
+        assert ttft == want["requests"], bucket
+        total_accepted += get("specdec_request_accepted_tokens_total", labels)
+        total_drafted += get("specdec_request_draft_tokens_total", labels)
+    assert set(expected) == {"0", "0-0.3", "0.3-0.5", "0.7-1.0", "default"}
+    assert total_accepted == after["accepted"] - before["accepted"]
+    assert total_drafted == after["drafted"] - before["drafted"]
+
+    acceptance = get("specdec_acceptance_rate", {"model": "tiny-target", "window": "1h"})
+    truth = (after["accepted"] - before["accepted"]) / (after["drafted"] - before["drafted"])
+    assert acceptance == pytest.approx(truth, rel=1e-12)
+    assert get("specdec_mean_acceptance_length", {"model": "tiny-target", "window": "1h"}) == pytest.approx(
+        1 + (after["accepted"] - before["accepted"]) / (after["drafts"] - before["drafts"]), rel=1e-12
+    )
+    want = "use" if truth >= 0.65 else "near_break_even" if truth >= 0.5 else "disable"
+    assert get("specdec_verdict", {"model": "tiny-target", "verdict": want}) == 1.0
+    unattributed = sum(
+        s.value for f in registry.collect() if f.name == "specdec_requests_unattributed" for s in f.samples
+        if s.name.endswith("_total")
+    )
+    assert unattributed == 0

@@ -1,0 +1,304 @@
+"""The proxy against a local upstream replaying recorded vLLM responses byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+
+import aiohttp
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from yarl import URL
+
+from conftest import FIXTURES, wait_for
+from sidecar.app import PROXY_PORT, create_app
+from sidecar.config import build_settings
+from sidecar.logs import configure_logging
+
+
+def sse_events(data: bytes) -> list[bytes]:
+    """Split a recorded stream into the writes vLLM made (one SSE event each)."""
+    parts = data.split(b"\n\n")
+    return [p + b"\n\n" for p in parts[:-1]] + ([parts[-1]] if parts[-1] else [])
+
+
+class ReplayVllm:
+    """Serves recorded vLLM responses; behaviour can be switched per request with X-Fake."""
+
+    def __init__(self) -> None:
+        self.disconnected = asyncio.Event()
+        self.seen: list[dict] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        mode = request.headers.get("X-Fake", "")
+        self.seen.append({"headers": dict(request.headers), "len": len(raw), "path": request.path_qs})
+        if mode == "echo":
+            return web.json_response(
+                {"sha256": hashlib.sha256(raw).hexdigest(), "len": len(raw), "method": request.method,
+                 "raw_path": request.raw_path, "auth": request.headers.get("Authorization")}
+            )
+        if mode == "error":
+            return web.json_response({"object": "error", "message": "boom", "type": "InternalServerError",
+                                      "code": 500}, status=500)
+        body = json.loads(raw)
+        chat = request.path.endswith("/chat/completions")
+        if body.get("stream"):
+            name = "chat-stream.sse" if chat else "completion-stream.sse"
+            if mode == "no-spec":
+                name = "completion-stream-no-spec-metrics.sse"
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+            await response.prepare(request)
+            events = sse_events((FIXTURES / name).read_bytes())
+            try:
+                for i, event in enumerate(events):
+                    if mode == "reset" and i == 3:
+                        request.transport.abort()
+                        return response
+                    if mode == "slow":
+                        await asyncio.sleep(0.05)
+                    await response.write(event)
+                if mode == "slow":
+                    for _ in range(200):
+                        await asyncio.sleep(0.05)
+                        await response.write(b": keep-alive\n\n")
+            except (ConnectionResetError, asyncio.CancelledError):
+                self.disconnected.set()
+                raise
+            await response.write_eof()
+            return response
+        name = "chat-nonstream.json" if chat else "completion-nonstream.json"
+        return web.Response(body=(FIXTURES / name).read_bytes(), content_type="application/json")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "tiny-target", "object": "model"}]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=(FIXTURES / "vllm-0.32-draft-t1.prom").read_bytes(), content_type="text/plain")
+
+    async def anything(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        return web.json_response({"method": request.method, "raw_path": request.raw_path, "len": len(raw)},
+                                 status=201, headers={"X-Upstream": "yes"})
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_route("*", "/{tail:.*}", self.anything)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture
+async def upstream():
+    server = ReplayVllm()
+    await server.start()
+    yield server
+    await server.runner.cleanup()
+
+
+@pytest.fixture
+async def proxy(aiohttp_client, upstream):
+    registry = CollectorRegistry()
+    settings = build_settings(upstream=upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s",
+                              windows="10m", verdict_window="10m", proxy_port=0, proxy_host="127.0.0.1",
+                              min_drafts=1, models="tiny-target")
+    client = await aiohttp_client(create_app(settings, registry))
+    port = client.app[PROXY_PORT]
+    session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
+    session.base = f"http://127.0.0.1:{port}"
+    session.registry = registry
+    session.metrics_client = client
+    yield session
+    await session.close()
+
+
+def value(registry, name, **labels):
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def direct_and_proxied(proxy, upstream, path, payload, **kw):
+    async with aiohttp.ClientSession(auto_decompress=False) as direct:
+        async with direct.post(upstream.url + path, json=payload, **kw) as r:
+            want = (r.status, await r.read(), r.headers.get("Content-Type"))
+    async with proxy.post(proxy.base + path, json=payload, **kw) as r:
+        got = (r.status, await r.read(), r.headers.get("Content-Type"))
+    return want, got
+
+
+@pytest.mark.parametrize(
+    ("path", "stream", "fixture"),
+    [("/v1/completions", False, "completion-nonstream.json"), ("/v1/completions", True, "completion-stream.sse"),
+     ("/v1/chat/completions", False, "chat-nonstream.json"), ("/v1/chat/completions", True, "chat-stream.sse")],
+)
+async def test_byte_exact_and_counted(proxy, upstream, path, stream, fixture):
+    payload = {"model": "tiny-target", "temperature": 0.2, "stream": stream, "max_tokens": 24}
+    if path.endswith("chat/completions"):
+        payload["messages"] = [{"role": "user", "content": "hi"}]
+    want, got = await direct_and_proxied(proxy, upstream, path, payload)
+    assert got == want
+    assert got[1] == (FIXTURES / fixture).read_bytes()
+    text = (FIXTURES / fixture).read_text()
+    last = json.loads(text if not stream else [l[6:] for l in text.splitlines() if l.startswith("data: {")][-1])
+    spec = last["metrics"]["speculative_decoding"]
+    labels = dict(model="tiny-target", temperature_bucket="0-0.3", source="vllm")
+    r = proxy.registry
+    assert value(r, "specdec_request_accepted_tokens_total", **labels) == spec["num_accepted_draft_tokens"]
+    assert value(r, "specdec_request_draft_tokens_total", **labels) == spec["num_draft_tokens"]
+    assert value(r, "specdec_request_spec_steps_total", **labels) == spec["num_spec_steps"]
+    hist = dict(model="tiny-target", temperature_bucket="0-0.3")
+    assert value(r, "specdec_request_acceptance_rate_count", **hist) == 1
+    streamed = "true" if stream else "false"
+    assert value(r, "specdec_request_ttft_seconds_count", **hist, stream=streamed) == 1
+    assert value(r, "specdec_request_tpot_seconds_count", **hist, stream=streamed) == 1
+    assert value(r, "specdec_request_e2e_seconds_count", **hist, stream=streamed) == 1
+    assert value(r, "specdec_requests_total", **hist, status_class="2xx") == 1
+    assert value(r, "specdec_request_output_tokens_total", **hist) == last["usage"]["completion_tokens"]
+
+
+async def test_stream_steps_source(proxy, upstream):
+    payload = {"model": "tiny-target", "prompt": "x", "stream": True}
+    async with proxy.post(proxy.base + "/v1/completions", json=payload, headers={"X-Fake": "no-spec"}) as r:
+        body = await r.read()
+    assert body == (FIXTURES / "completion-stream-no-spec-metrics.sse").read_bytes()
+    events = [json.loads(l[6:]) for l in body.decode().splitlines() if l.startswith("data: {")]
+    chunks = sum(1 for e in events if e["choices"] and e["choices"][0].get("text"))
+    tokens = events[-1]["usage"]["completion_tokens"]
+    labels = dict(model="tiny-target", temperature_bucket="default", source="stream_steps")
+    assert value(proxy.registry, "specdec_request_accepted_tokens_total", **labels) == tokens - chunks
+    assert value(proxy.registry, "specdec_request_draft_tokens_total", **labels) == 0
+
+
+async def test_methods_paths_queries_headers_and_auth_forwarded_untouched(proxy, upstream, capsys):
+    configure_logging("json", "debug")
+    async with proxy.request("PUT", URL(proxy.base + "/any/where%2Fx?q=a+b&q=%2F&e=", encoded=True), data=b"abc",
+                             headers={"Authorization": "Bearer sk-secret-123", "X-Custom": "1"}) as r:
+        assert r.status == 201
+        assert r.headers["X-Upstream"] == "yes"
+        got = await r.json()
+    assert got == {"method": "PUT", "raw_path": "/any/where%2Fx?q=a+b&q=%2F&e=", "len": 3}
+    async with proxy.post(proxy.base + "/v1/completions", data=b'{"model":"tiny-target"}',
+                          headers={"X-Fake": "echo", "Authorization": "Bearer sk-secret-123"}) as r:
+        assert (await r.json())["auth"] == "Bearer sk-secret-123"
+    assert "sk-secret-123" not in capsys.readouterr().err
+    assert upstream.seen[-1]["headers"]["X-Fake"] == "echo"
+
+
+async def test_ten_megabyte_non_json_body(proxy, upstream):
+    blob = os.urandom(10 * 1024 * 1024)
+    async with proxy.post(proxy.base + "/v1/completions", data=blob, headers={"X-Fake": "echo"}) as r:
+        got = await r.json()
+    assert got["len"] == len(blob) and got["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert value(proxy.registry, "specdec_requests_unattributed_total", reason="body_too_large") == 1
+
+
+async def test_unparsable_json_is_forwarded_and_counted(proxy, upstream):
+    async with proxy.post(proxy.base + "/v1/completions", data=b"{not json", headers={"X-Fake": "echo"}) as r:
+        got = await r.json()
+    assert got["sha256"] == hashlib.sha256(b"{not json").hexdigest()
+    assert value(proxy.registry, "specdec_requests_unattributed_total", reason="unparsable_request") == 1
+
+
+async def test_upstream_500_passes_through(proxy, upstream):
+    payload = {"model": "tiny-target", "temperature": 1.5}
+    want, got = await direct_and_proxied(proxy, upstream, "/v1/completions", payload, headers={"X-Fake": "error"})
+    assert got == want and got[0] == 500
+    assert value(proxy.registry, "specdec_requests_total", model="tiny-target", temperature_bucket="gt1.0",
+                 status_class="5xx") == 1
+    assert value(proxy.registry, "specdec_requests_unattributed_total", reason="error_status") == 1
+
+
+async def test_upstream_reset_mid_stream_reaches_the_client_as_an_error(proxy, upstream):
+    payload = {"model": "tiny-target", "stream": True}
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with proxy.post(proxy.base + "/v1/completions", json=payload, headers={"X-Fake": "reset"}) as r:
+            assert r.status == 200
+            await r.read()
+    await wait_for(lambda: value(proxy.registry, "specdec_requests_unattributed_total", reason="upstream_reset") == 1)
+    # the sidecar is still fine
+    async with proxy.post(proxy.base + "/v1/completions", json={"model": "tiny-target"}) as r:
+        assert r.status == 200
+
+
+async def test_client_disconnect_closes_upstream(proxy, upstream):
+    payload = {"model": "tiny-target", "stream": True}
+    response = await proxy.post(proxy.base + "/v1/completions", json=payload, headers={"X-Fake": "slow"})
+    await response.content.readany()
+    response.close()  # drop the connection mid-stream
+    await asyncio.wait_for(upstream.disconnected.wait(), timeout=5)
+    await wait_for(
+        lambda: value(proxy.registry, "specdec_requests_unattributed_total", reason="client_disconnected") == 1
+    )
+
+
+async def test_upstream_unreachable_is_a_502_with_openai_error(aiohttp_client):
+    from sidecar.vllm_server import free_port
+
+    settings = build_settings(upstream=f"http://127.0.0.1:{free_port()}", proxy_port=0, proxy_host="127.0.0.1",
+                              scrape_interval="1s", scrape_timeout="1s", windows="1m", verdict_window="1m")
+    client = await aiohttp_client(create_app(settings, CollectorRegistry()))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{client.app[PROXY_PORT]}/v1/completions", json={"model": "m"},
+                          timeout=aiohttp.ClientTimeout(total=10)) as r:
+            assert r.status == 502
+            body = await r.json()
+    assert body["error"]["type"] == "upstream_unavailable" and body["error"]["code"] == 502
+
+
+async def test_unknown_model_is_other_and_invalid_temperature_is_invalid(proxy, upstream):
+    for payload in ({"model": "someone-elses", "temperature": 0}, {"model": "tiny-target", "temperature": "hot"}):
+        async with proxy.post(proxy.base + "/v1/completions", json=payload) as r:
+            assert r.status == 200
+    assert value(proxy.registry, "specdec_requests_total", model="other", temperature_bucket="0",
+                 status_class="2xx") == 1
+    assert value(proxy.registry, "specdec_requests_total", model="tiny-target", temperature_bucket="invalid",
+                 status_class="2xx") == 1
+
+
+async def test_two_hundred_concurrent_streams(proxy, upstream):
+    expected = (FIXTURES / "chat-stream.sse").read_bytes()
+    payload = {"model": "tiny-target", "messages": [{"role": "user", "content": "x"}], "stream": True,
+               "temperature": 0}
+
+    async def one() -> bytes:
+        async with proxy.post(proxy.base + "/v1/chat/completions", json=payload) as r:
+            return await r.read()
+
+    bodies = await asyncio.gather(*(one() for _ in range(200)))
+    assert all(b == expected for b in bodies)
+    spec = json.loads([l[6:] for l in expected.decode().splitlines() if l.startswith("data: {")][-1])
+    accepted = spec["metrics"]["speculative_decoding"]["num_accepted_draft_tokens"]
+    assert value(proxy.registry, "specdec_request_accepted_tokens_total", model="tiny-target",
+                 temperature_bucket="0", source="vllm") == 200 * accepted
+
+
+async def test_bucket_verdict_exported(proxy, upstream):
+    payload = {"model": "tiny-target", "prompt": "x", "temperature": 0.9}
+    for _ in range(3):
+        async with proxy.post(proxy.base + "/v1/completions", json=payload) as r:
+            await r.read()
+    get = proxy.registry.get_sample_value
+    await wait_for(lambda: get("specdec_bucket_acceptance_rate",
+                               {"model": "tiny-target", "temperature_bucket": "0.7-1.0", "window": "10m"}) is not None)
+    spec = json.loads((FIXTURES / "completion-nonstream.json").read_bytes())["metrics"]["speculative_decoding"]
+    rate = spec["num_accepted_draft_tokens"] / spec["num_draft_tokens"]
+    assert get("specdec_bucket_acceptance_rate",
+               {"model": "tiny-target", "temperature_bucket": "0.7-1.0", "window": "10m"}) == pytest.approx(rate)
+    want = "use" if rate >= 0.65 else "near_break_even" if rate >= 0.5 else "disable"
+    assert get("specdec_bucket_verdict", {"model": "tiny-target", "temperature_bucket": "0.7-1.0",
+                                          "verdict": want}) == 1.0
