@@ -169,13 +169,13 @@ def main() -> int:
           f"{cpu['share'] * 100:.2f}% of a core, RSS {cpu['rss_mb']:.0f} MB", flush=True)
 
     if args.write:
-        import prometheus_client
+        from importlib.metadata import version
 
         lines = [
             "## Scrape path: parse + derive (`bench/bench_scrape.py`)",
             "",
             f"Run on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"prometheus_client {prometheus_client.__version__ if hasattr(prometheus_client, '__version__') else ''}"
+            f"prometheus_client {version('prometheus-client')}"
             f", {time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/bench_scrape.py "
             f"--cpu-seconds {args.cpu_seconds:g} --write docs/benchmarks.md`.",
             "",
