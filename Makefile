@@ -7,9 +7,9 @@ TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
 .PHONY: test venv bench vllm fixtures models clean
 
-## test: create .venv, install the project with its test extras, run the whole suite
-test: venv
-	$(BIN)/python -m pytest
+## test: create .venv (project + test extras) and .venv-vllm (real vLLM for the end-to-end tests), run everything
+test: venv vllm
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest
 
 venv: $(VENV)/.installed
 
