@@ -302,3 +302,22 @@ async def test_bucket_verdict_exported(proxy, upstream):
     want = "use" if rate >= 0.65 else "near_break_even" if rate >= 0.5 else "disable"
     assert get("specdec_bucket_verdict", {"model": "tiny-target", "temperature_bucket": "0.7-1.0",
                                           "verdict": want}) == 1.0
+
+
+async def test_model_labels_follow_v1_models_when_no_allowlist(aiohttp_client, upstream):
+    registry = CollectorRegistry()
+    settings = build_settings(upstream=upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s",
+                              windows="10m", verdict_window="10m", proxy_port=0, proxy_host="127.0.0.1")
+    client = await aiohttp_client(create_app(settings, registry))
+    port = client.app[PROXY_PORT]
+    from sidecar.app import MODEL_NAMES
+
+    await wait_for(lambda: client.app[MODEL_NAMES].label("tiny-target") == "tiny-target", what="/v1/models")
+    async with aiohttp.ClientSession() as s:
+        for model in ("tiny-target", "not-served"):
+            async with s.post(f"http://127.0.0.1:{port}/v1/completions", json={"model": model}) as r:
+                await r.read()
+    assert value(registry, "specdec_requests_total", model="tiny-target", temperature_bucket="default",
+                 status_class="2xx") == 1
+    assert value(registry, "specdec_requests_total", model="other", temperature_bucket="default",
+                 status_class="2xx") == 1
