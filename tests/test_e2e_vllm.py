@@ -22,23 +22,27 @@ from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
 from sidecar.vllm_metrics import read_vllm_metrics
-from sidecar.vllm_server import REPO, VllmServer, draft_model_config, vllm_python
+from sidecar.vllm_server import REPO, VllmServer, draft_model_config, ngram_config, vllm_python
 
 pytestmark = pytest.mark.vllm
 
 MODELS = REPO / "models"
 
 
-@pytest.fixture(scope="module")
-def vllm(tmp_path_factory):
+def start_vllm(tmp_path_factory, speculative: dict, per_request_metrics: bool = True):
     if not vllm_python().exists():
         pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
     log = Path(tmp_path_factory.mktemp("vllm")) / "vllm.log"
-    server = VllmServer(
-        model=MODELS / "tiny-target", speculative=draft_model_config(MODELS / "tiny-draft"), log_path=log,
-        startup_timeout=400,
+    return VllmServer(
+        model=MODELS / "tiny-target", speculative=speculative, log_path=log, startup_timeout=400,
+        per_request_metrics=per_request_metrics,
     )
-    with server:
+
+
+@pytest.fixture(scope="module", params=["draft_model", "ngram"])
+def vllm(request, tmp_path_factory):
+    config = draft_model_config(MODELS / "tiny-draft") if request.param == "draft_model" else ngram_config()
+    with start_vllm(tmp_path_factory, config) as server:
         yield server
 
 
@@ -143,8 +147,51 @@ async def test_sidecar_equals_vllm(vllm, aiohttp_client):
     )
     want = "use" if truth >= 0.65 else "near_break_even" if truth >= 0.5 else "disable"
     assert get("specdec_verdict", {"model": "tiny-target", "verdict": want}) == 1.0
+    print(f"\n{vllm.speculative['method']}: acceptance {truth:.4f} over {after['drafted'] - before['drafted']:.0f} "
+          f"draft tokens; per bucket " + ", ".join(
+              f"{b}: {v['accepted']}/{v['drafted']}" for b, v in sorted(expected.items())))
     unattributed = sum(
         s.value for f in registry.collect() if f.name == "specdec_requests_unattributed" for s in f.samples
         if s.name.endswith("_total")
     )
     assert unattributed == 0
+
+
+async def test_stream_steps_source_without_per_request_metrics(tmp_path_factory, aiohttp_client):
+    """vLLM without --per-request-spec-decode-metrics: accepted = completion tokens - content chunks."""
+    with start_vllm(tmp_path_factory, draft_model_config(MODELS / "tiny-draft"), per_request_metrics=False) as vllm:
+        registry = CollectorRegistry()
+        settings = build_settings(upstream=vllm.url, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m",
+                                  verdict_window="1m", proxy_port=0, proxy_host="127.0.0.1", min_drafts=1)
+        client = await aiohttp_client(create_app(settings, registry))
+        proxy = f"http://127.0.0.1:{client.app[PROXY_PORT]}"
+        await wait_for(lambda: client.app[MONITOR].state.up, timeout=30)
+        finished_by_length = 0
+        estimate = 0
+        async with aiohttp.ClientSession() as session:
+            before = await vllm_counters(session, vllm.url)
+            semaphore = asyncio.Semaphore(8)
+
+            async def send(i: int) -> None:
+                nonlocal finished_by_length, estimate
+                body = {"model": "tiny-target", "prompt": f"def g{i}(", "max_tokens": 20 + i % 7, "stream": True,
+                        "temperature": 0}
+                async with semaphore:
+                    async with session.post(proxy + "/v1/completions", json=body) as r:
+                        raw = await r.read()
+                events = [json.loads(l[6:]) for l in raw.decode().splitlines() if l.startswith("data: {")]
+                chunks = sum(1 for e in events if e["choices"] and e["choices"][0].get("text"))
+                tokens = [e for e in events if e.get("usage")][-1]["usage"]["completion_tokens"]
+                estimate += tokens - chunks
+                finished_by_length += any(c.get("finish_reason") == "length" for e in events for c in e["choices"])
+
+            await asyncio.gather(*(send(i) for i in range(24)))
+            after = await vllm_counters(session, vllm.url)
+    labels = {"model": "tiny-target", "temperature_bucket": "0", "source": "stream_steps"}
+    sidecar_accepted = registry.get_sample_value("specdec_request_accepted_tokens_total", labels)
+    assert sidecar_accepted == estimate
+    truth = after["accepted"] - before["accepted"]
+    # Exact except the last step of a request cut by max_tokens, which can hide up to k=4 accepted tokens.
+    assert 0 <= truth - sidecar_accepted <= 4 * finished_by_length
+    print(f"\nstream_steps: sidecar {sidecar_accepted:.0f} accepted vs vLLM {truth:.0f} "
+          f"({finished_by_length} requests cut by max_tokens)")

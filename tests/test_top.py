@@ -1,0 +1,72 @@
+"""`top`: the view built from a real sidecar's /metrics after traffic through its proxy."""
+
+import json
+import subprocess
+import sys
+
+import aiohttp
+from prometheus_client import CollectorRegistry, generate_latest
+from rich.console import Console
+
+from conftest import FIXTURES, wait_for
+from sidecar.app import MONITOR, PROXY_PORT, create_app
+from sidecar.config import build_settings
+from sidecar.exposition import parse
+from sidecar.quantiles import histogram_quantile
+from sidecar.top import WANTED, build_view, render
+
+
+def test_histogram_quantile_matches_promql_interpolation():
+    buckets = [(0.1, 10.0), (0.5, 30.0), (1.0, 40.0), (float("inf"), 40.0)]
+    assert histogram_quantile(0.25, buckets) == 0.1 * 10 / 10  # rank 10 is the top of the first bucket
+    assert histogram_quantile(0.5, buckets) == 0.1 + 0.4 * (20 - 10) / 20
+    assert histogram_quantile(0.99, buckets) == 0.5 + 0.5 * (39.6 - 30) / 10
+    assert histogram_quantile(0.5, [(1.0, 0.0), (float("inf"), 0.0)]) is None
+    assert histogram_quantile(0.9, [(1.0, 1.0), (float("inf"), 5.0)]) == 1.0  # rank in +Inf: highest finite
+
+
+async def test_view_from_live_sidecar(aiohttp_client, upstream):
+    registry = CollectorRegistry()
+    settings = build_settings(upstream=upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s",
+                              windows="10m", verdict_window="10m", proxy_port=0, proxy_host="127.0.0.1",
+                              min_drafts=1, models="tiny-target")
+    client = await aiohttp_client(create_app(settings, registry))
+    port = client.app[PROXY_PORT]
+    await wait_for(lambda: client.app[MONITOR].state.up)
+    before = parse(generate_latest(registry).decode(), WANTED).samples
+    async with aiohttp.ClientSession() as s:
+        for temperature, stream in ((0.0, False), (0.0, True), (0.9, False)):
+            body = {"model": "tiny-target", "prompt": "x", "temperature": temperature, "stream": stream}
+            async with s.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
+                await r.read()
+    polls = client.app[MONITOR].state.scrapes
+    await wait_for(lambda: client.app[MONITOR].state.scrapes >= polls + 2)
+    after = parse(generate_latest(registry).decode(), WANTED).samples
+    view = build_view(after, before, 10.0)
+    assert view.up
+    rows = {(r.model, r.bucket): r for r in view.buckets}
+    greedy = rows[("tiny-target", "0")]
+    assert greedy.requests == 2
+    nonstream = json.loads((FIXTURES / "completion-nonstream.json").read_bytes())["metrics"]["speculative_decoding"]
+    events = [json.loads(l[6:]) for l in (FIXTURES / "completion-stream.sse").read_text().splitlines()
+              if l.startswith("data: {")]
+    stream = events[-1]["metrics"]["speculative_decoding"]
+    assert greedy.acceptance == (nonstream["num_accepted_draft_tokens"] + stream["num_accepted_draft_tokens"]) / (
+        nonstream["num_draft_tokens"] + stream["num_draft_tokens"])
+    assert greedy.p10 is not None and greedy.p10 <= greedy.p50 <= greedy.p90
+    assert greedy.ttft_p50 is not None and greedy.tpot_p99 is not None
+    assert rows[("tiny-target", "0.7-1.0")].requests == 1
+    model = view.models[0]
+    assert model.model == "tiny-target" and model.kv_usage is not None
+
+    console = Console(record=True, width=200)
+    console.print(render(view, "http://sidecar/metrics"))
+    text = console.export_text()
+    assert "tiny-target" in text and "0.7-1.0" in text and "upstream up" in text
+
+
+def test_top_once_against_unreachable_url_says_so():
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "top", "--url", "http://127.0.0.1:9/metrics", "--once"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert "cannot read metrics" in proc.stdout

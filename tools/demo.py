@@ -1,0 +1,150 @@
+"""``make demo``: vLLM with the tiny speculative pair, the sidecar in front of it, mixed traffic, and ``top``.
+
+Starts a real vLLM (CPU build) serving models/tiny-target with models/tiny-draft as draft (k=4) and
+per-request speculative metrics, the sidecar (proxy + metrics) in front of it, and a load generator sending
+a mix of temperatures (0, 0.2, 0.5, 0.8, 1.0 and omitted), streamed and not, chat and completions. Then
+shows ``specdec-sidecar top``. Ctrl-C stops everything; no process is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sidecar.top import run_top  # noqa: E402
+from sidecar.vllm_server import VllmServer, draft_model_config, free_port  # noqa: E402
+
+TEMPERATURES = [0.0, 0.2, 0.5, 0.8, 1.0, None]
+PROMPTS = ["import os\n", "def main(", "class Config:\n", "for line in ", "    return self.", "from typing import "]
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def load(proxy: str, stop: threading.Event, concurrency: int) -> None:
+    """Mixed traffic until *stop*; errors are counted, never fatal."""
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            temperature = rng.choice(TEMPERATURES)
+            stream = rng.random() < 0.5
+            body: dict = {"model": "tiny-target", "max_tokens": rng.choice([16, 32, 48]), "stream": stream}
+            if temperature is not None:
+                body["temperature"] = temperature
+            if rng.random() < 0.5:
+                path = "/v1/chat/completions"
+                body["messages"] = [{"role": "user", "content": rng.choice(PROMPTS)}]
+            else:
+                path = "/v1/completions"
+                body["prompt"] = rng.choice(PROMPTS)
+            request = urllib.request.Request(proxy + path, data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"}, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    response.read()
+            except (urllib.error.URLError, OSError):
+                stop.wait(1.0)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+
+
+def wait_http(url: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.3)
+    return False
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--once-after", type=float, default=0.0,
+                        help="instead of the live view, print one frame after this many seconds and exit")
+    args = parser.parse_args()
+
+    state = ROOT / ".cache" / "demo"
+    state.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    children: list[subprocess.Popen] = []
+    vllm = VllmServer(
+        model=ROOT / "models" / "tiny-target",
+        speculative=draft_model_config(ROOT / "models" / "tiny-draft"),
+        log_path=state / "vllm.log",
+        startup_timeout=400,
+    )
+
+    def shutdown(*_: object) -> None:
+        stop.set()
+        for child in children:
+            if child.poll() is None:
+                try:
+                    os.killpg(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for child in children:
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+        vllm.stop()
+
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        say(f"starting vLLM with the tiny target/draft pair (k=4); 35-100 s on 2 cores; log: {state / 'vllm.log'}")
+        started = time.monotonic()
+        vllm.start()
+        say(f"vLLM ready on {vllm.url} after {time.monotonic() - started:.0f} s")
+
+        proxy_port, metrics_port = free_port(), free_port()
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve", "--upstream", vllm.url, "--proxy-port", str(proxy_port),
+             "--proxy-host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
+             "--scrape-interval", "2s", "--scrape-timeout", "2s", "--windows", "1m,5m", "--verdict-window", "1m",
+             "--min-drafts", "20", "--log-format", "console", "--log-level", "warning"],
+            cwd=ROOT, start_new_session=True, stderr=open(state / "sidecar.log", "ab"),
+        )
+        children.append(sidecar)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        if not wait_http(f"http://127.0.0.1:{metrics_port}/readyz", 30):
+            say(f"the sidecar did not become ready; see {state / 'sidecar.log'}")
+            return 1
+        say(f"sidecar: proxy http://127.0.0.1:{proxy_port} -> vLLM, metrics {metrics}")
+        say(f"load: {args.concurrency} clients, temperatures 0/0.2/0.5/0.8/1.0/omitted, streamed and not")
+        load(f"http://127.0.0.1:{proxy_port}", stop, args.concurrency)
+        say("Prometheus/Alertmanager: not started (the alert rules are not in this project yet)")
+        if args.once_after:
+            time.sleep(args.once_after)
+            return run_top(metrics, 2.0, 600.0, once=True)
+        say("starting top; Ctrl-C stops everything")
+        time.sleep(2)
+        return run_top(metrics, 2.0, 60.0, once=False)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        say("stopping")
+        shutdown()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
