@@ -28,7 +28,8 @@ UNATTRIBUTED_REASONS = (
     "error_status", "observer_error",
 )  # fmt: skip
 
-ACCEPTANCE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(1, 21))
+# 0 has its own bucket: a request that accepted nothing must read back as 0, not as an interpolated 2.5%.
+ACCEPTANCE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(0, 21))
 LENGTH_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0)
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
