@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import Settings, format_duration
@@ -63,6 +63,15 @@ WINDOWED: tuple[tuple[str, str, Callable[[WindowStats], float | None]], ...] = (
         "Requests preempted per second over the window (KV cache exhausted).",
         lambda w: w.preemptions_per_second,
     ),
+)
+
+COUNTER_EXPORTS = (
+    ("drafts", "specdec_drafts", "Draft steps (vllm:spec_decode_num_drafts_total)."),
+    ("draft_tokens", "specdec_draft_tokens", "Draft tokens proposed (vllm:spec_decode_num_draft_tokens_total)."),
+    ("accepted_tokens", "specdec_accepted_tokens",
+     "Draft tokens accepted (vllm:spec_decode_num_accepted_tokens_total)."),
+    ("generation_tokens", "specdec_generation_tokens", "Tokens generated (vllm:generation_tokens_total)."),
+    ("preemptions", "specdec_preemptions", "Requests preempted (vllm:num_preemptions_total)."),
 )
 
 POLL_NOTE = "Derived from the sidecar's own poll of vLLM /metrics every {interval}."
@@ -174,6 +183,8 @@ class HealthCollector(Collector):
             yield positions
             yield from self._pressure(prefix, labels, items, scope)
 
+        yield from self._counters(health.totals)
+
         verdict = GaugeMetricFamily(
             "specdec_verdict",
             f"Speculative decoding verdict per model over the {format_duration(self._settings.verdict_window)} "
@@ -215,6 +226,29 @@ class HealthCollector(Collector):
                 upstream_eff.add_metric([model, engine], group.v0_efficiency)
         yield upstream_rate
         yield upstream_eff
+
+    @staticmethod
+    def _counters(totals) -> Iterator[CounterMetricFamily]:
+        """vLLM's counters per model, summed over engines, counted since the sidecar started and carried
+        across vLLM restarts: what fleet-level recording rules ``rate()`` and add up token-weighted."""
+        note = (" Summed over engines; counted from the sidecar's start and carried across vLLM restarts "
+                "(reset-adjusted), so rate() over it is safe.")
+        for field, name, text in COUNTER_EXPORTS:
+            family = CounterMetricFamily(name, text + note, labels=["model"])
+            for model, values in sorted(totals.items()):
+                if field in values:
+                    family.add_metric([model], values[field])
+            yield family
+        positions = CounterMetricFamily(
+            "specdec_accepted_tokens_per_position",
+            "vLLM's vllm:spec_decode_num_accepted_tokens_per_pos_total per model." + note,
+            labels=["model", "position"],
+        )
+        for model, values in sorted(totals.items()):
+            for key, value in sorted(values.items()):
+                if key.startswith("pos:"):
+                    positions.add_metric([model, key[4:]], value)
+        yield positions
 
     def _pressure(
         self, prefix: str, labels: list[str], items: list[tuple[list[str], GroupHealth]], scope: str

@@ -221,6 +221,7 @@ class Health:
     verdicts: Mapping[str, Verdict]
     verdict_acceptance: Mapping[str, float | None]
     spans: Mapping[float, float]
+    totals: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _engine_deltas(
@@ -307,7 +308,14 @@ def derive(
         verdict_acceptance[model] = acceptance
         verdicts[model] = decide(acceptance, break_even, near_upper)
 
+    totals: dict[str, dict[str, float]] = {}
+    for (model, _), engine_totals in last.totals.items():
+        summed = totals.setdefault(model, {})
+        for name, value in engine_totals.items():
+            summed[name] = summed.get(name, 0.0) + value
+
     return Health(
+        totals=MappingProxyType({m: MappingProxyType(t) for m, t in totals.items()}),
         models=MappingProxyType(model_health),
         engines=MappingProxyType(engine_health),
         verdicts=MappingProxyType(verdicts),

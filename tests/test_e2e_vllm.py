@@ -21,6 +21,7 @@ from conftest import wait_for
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
+from sidecar.verdict import decide
 from sidecar.vllm_metrics import read_vllm_metrics
 from sidecar.vllm_server import REPO, VllmServer, draft_model_config, ngram_config, vllm_python
 
@@ -64,6 +65,13 @@ def spec_of(body: bytes, stream: bool) -> dict:
     return [e for e in events if e.get("metrics")][-1]["metrics"]["speculative_decoding"]
 
 
+def completion_tokens(body: bytes, stream: bool) -> int:
+    if not stream:
+        return json.loads(body)["usage"]["completion_tokens"]
+    events = [json.loads(l[6:]) for l in body.decode().splitlines() if l.startswith("data: {")]
+    return [e for e in events if e.get("usage")][-1]["usage"]["completion_tokens"]
+
+
 TEMPERATURES = [0.0, 0.2, 0.5, 0.8, 1.0, None]
 
 
@@ -104,7 +112,7 @@ async def test_sidecar_equals_vllm(vllm, aiohttp_client):
 
         buckets = TemperatureBuckets()
         expected: dict[str, dict[str, int]] = defaultdict(
-            lambda: {"accepted": 0, "drafted": 0, "requests": 0, "with_drafts": 0}
+            lambda: {"accepted": 0, "drafted": 0, "requests": 0, "with_drafts": 0, "steps": 0, "multi_token": 0}
         )
         semaphore = asyncio.Semaphore(8)
 
@@ -119,6 +127,8 @@ async def test_sidecar_equals_vllm(vllm, aiohttp_client):
             expected[bucket]["drafted"] += spec["num_draft_tokens"]
             expected[bucket]["requests"] += 1
             expected[bucket]["with_drafts"] += spec["num_draft_tokens"] > 0  # n-gram may find nothing to propose
+            expected[bucket]["steps"] += spec["num_spec_steps"]
+            expected[bucket]["multi_token"] += completion_tokens(raw, stream) > 1  # TPOT needs two tokens
 
         mix = requests_mix(48)
         await asyncio.gather(*(send(*m) for m in mix))
@@ -136,6 +146,11 @@ async def test_sidecar_equals_vllm(vllm, aiohttp_client):
         assert (get("specdec_request_acceptance_rate_count", hist) or 0) == want["with_drafts"]
         ttft = sum(get("specdec_request_ttft_seconds_count", {**hist, "stream": s}) or 0 for s in ("true", "false"))
         assert ttft == want["requests"], bucket
+        tpot = sum(get("specdec_request_tpot_seconds_count", {**hist, "stream": s}) or 0 for s in ("true", "false"))
+        assert tpot == want["multi_token"], bucket
+        rate = want["accepted"] / want["drafted"] if want["drafted"] and want["steps"] else None
+        implied = decide(rate, 0.5, 0.65).value
+        assert get("specdec_bucket_verdict", {**hist, "verdict": implied}) == 1.0, (bucket, rate)
         total_accepted += get("specdec_request_accepted_tokens_total", labels)
         total_drafted += get("specdec_request_draft_tokens_total", labels)
     assert set(expected) == {"0", "0-0.3", "0.3-0.5", "0.7-1.0", "default"}

@@ -109,6 +109,9 @@ async def test_upstream_vanishes_then_returns_with_reset_counters(sidecar, fake_
     drafted = (t3["draft_tokens"] - t2["draft_tokens"]) + restarted["draft_tokens"]
     after = get("specdec_acceptance_rate", labels)
     assert after == pytest.approx(accepted / drafted)
+    # The re-exported counters carried on across the restart (counted from the first poll) instead of dropping.
+    assert get("specdec_accepted_tokens_total", {"model": "tiny-target"}) == accepted
+    assert get("specdec_draft_tokens_total", {"model": "tiny-target"}) == drafted
     assert 0.0 <= after <= 1.0
     assert get("specdec_draft_tokens_per_second", labels) >= 0.0
     assert (await sidecar.get("/readyz")).status == 200
