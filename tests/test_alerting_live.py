@@ -1,0 +1,242 @@
+"""Live: real vLLM -> two sidecars -> real Prometheus (the project's rule files) -> real Alertmanager (the
+example config) -> a loopback receiver speaking PagerDuty's Events API v2.
+
+Test copies of the rule files shorten rate windows to 30s and every ``for:`` to 5s; the Alertmanager copy
+points PagerDuty and the warning webhook at loopback and shortens grouping. Everything else is the shipped
+files. vLLM serves the tiny target with itself as draft (k=4): sampled traffic accepts almost nothing,
+greedy traffic alone accepts almost everything, so real traffic drives acceptance below and above 0.5.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from conftest import wait_for
+from sidecar.app import MONITOR, PROXY_PORT, create_app
+from sidecar.buckets import TemperatureBuckets
+from sidecar.config import build_settings
+from sidecar.vllm_server import REPO, VllmServer, free_port, vllm_python
+
+pytestmark = pytest.mark.vllm
+
+ROUTING_KEY = "R0UT1NGKEY0123456789abcdef012345"
+SUMMARY = "Speculative decoding accepts too few draft tokens to pay for itself."
+
+
+def binary(*names: str) -> str:
+    for name in names:
+        if path := shutil.which(name):
+            return path
+    pytest.fail(f"none of {names} is installed (make test installs prometheus and prometheus-alertmanager)")
+
+
+def shorten_rules(text: str) -> str:
+    text = re.sub(r"\[5m\]", "[30s]", text)
+    return re.sub(r"for: \d+m", "for: 5s", text)
+
+
+class Receiver:
+    """PagerDuty Events API v2 (/v2/enqueue) and a plain webhook (/specdec), on loopback."""
+
+    def __init__(self) -> None:
+        self.pagerduty: list[dict] = []
+        self.webhook: list[dict] = []
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def enqueue(self, request: web.Request) -> web.Response:
+        event = await request.json()
+        self.pagerduty.append(event)
+        return web.json_response({"status": "success", "message": "Event processed",
+                                  "dedup_key": event.get("dedup_key")}, status=202)
+
+    async def hook(self, request: web.Request) -> web.Response:
+        self.webhook.append(await request.json())
+        return web.Response(text="ok")
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v2/enqueue", self.enqueue)
+        app.router.add_post("/specdec", self.hook)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self.runner.addresses[0][1]
+
+
+@pytest.fixture(scope="module")
+def selfdraft_vllm(tmp_path_factory):
+    if not vllm_python().exists():
+        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
+    log = Path(tmp_path_factory.mktemp("vllm")) / "vllm.log"
+    model = REPO / "models" / "tiny-target"
+    server = VllmServer(model=model, log_path=log, startup_timeout=400,
+                        speculative={"method": "draft_model", "model": str(model), "num_speculative_tokens": 4})
+    with server:
+        yield server
+
+
+async def start_sidecar(upstream: str) -> tuple[web.AppRunner, int, int, CollectorRegistry]:
+    registry = CollectorRegistry()
+    settings = build_settings(upstream=upstream, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m",
+                              verdict_window="1m", proxy_port=0, proxy_host="127.0.0.1", min_drafts=1)
+    app = create_app(settings, registry)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    await wait_for(lambda: app[MONITOR].state.up, timeout=30)
+    return runner, runner.addresses[0][1], app[PROXY_PORT], registry
+
+
+async def traffic(session, proxy: str, temperature: float, workers: int, seconds: float, log: list | None):
+    deadline = time.monotonic() + seconds
+
+    async def worker(w: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            body = {"model": "tiny-target", "prompt": f"def f{w}_{i}(", "max_tokens": 24,
+                    "temperature": temperature}
+            async with session.post(proxy + "/v1/completions", json=body) as r:
+                data = await r.json()
+            if log is not None:
+                log.append(data["metrics"]["speculative_decoding"])
+            i += 1
+
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+
+
+async def prom_query(session, url: str, expr: str) -> list[dict]:
+    async with session.get(url + "/api/v1/query", params={"query": expr}) as r:
+        return (await r.json())["data"]["result"]
+
+
+async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
+    prometheus = binary("prometheus")
+    alertmanager = binary("prometheus-alertmanager", "alertmanager")
+    receiver = Receiver()
+    await receiver.start()
+    sidecars = [await start_sidecar(selfdraft_vllm.url) for _ in range(2)]
+
+    rules = []
+    for name in ("recording-rules.yaml", "alerts.yaml"):
+        copy = tmp_path / name
+        copy.write_text(shorten_rules((REPO / "alerts" / name).read_text()))
+        rules.append(str(copy))
+    key_file = tmp_path / "routing-key"
+    key_file.write_text(ROUTING_KEY + "\n")
+    am_config = yaml.safe_load((REPO / "alerts" / "alertmanager.yml").read_text())
+    am_config["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1h")
+    for rcv in am_config["receivers"]:
+        for pd in rcv.get("pagerduty_configs", []):
+            pd["routing_key_file"] = str(key_file)
+            pd["url"] = f"http://127.0.0.1:{receiver.port}/v2/enqueue"
+        for hook in rcv.get("webhook_configs", []):
+            hook["url"] = f"http://127.0.0.1:{receiver.port}/specdec"
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
+    am_port, prom_port = free_port(), free_port()
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": rules,
+        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
+        "scrape_configs": [{
+            "job_name": "specdec-sidecar",
+            "static_configs": [{"targets": [f"127.0.0.1:{port}" for _, port, _, _ in sidecars],
+                                "labels": {"namespace": "live"}}],
+        }],
+    }))
+    procs = [
+        subprocess.Popen([alertmanager, f"--config.file={tmp_path / 'alertmanager.yml'}",
+                          f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
+                          "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "am.log", "w")),
+        subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
+                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prom.log", "w")),
+    ]
+    prom = f"http://127.0.0.1:{prom_port}"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            async def targets_up() -> bool:
+                try:
+                    return len(await prom_query(session, prom, 'up{job="specdec-sidecar"} == 1')) == 2
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_for(targets_up, timeout=60, what="Prometheus scraping both sidecars")
+
+            # Phase 1 (fleet case + trigger): sampled traffic in bucket 0.3-0.5, three times as much through A.
+            seen_a: list[dict] = []
+            seen_b: list[dict] = []
+            proxies = [f"http://127.0.0.1:{proxy}" for _, _, proxy, _ in sidecars]
+            await asyncio.gather(traffic(session, proxies[0], 0.4, 3, 20, seen_a),
+                                 traffic(session, proxies[1], 0.45, 1, 20, seen_b))
+            await asyncio.sleep(3)  # two scrapes and evaluations after the last request
+            recorded = await prom_query(
+                session, prom, 'namespace_model_temperature_bucket:specdec_request_acceptance:ratio_rate5m'
+                               '{temperature_bucket="0.3-0.5"}')
+            accepted = sum(s["num_accepted_draft_tokens"] for s in seen_a + seen_b)
+            drafted = sum(s["num_draft_tokens"] for s in seen_a + seen_b)
+            truth = accepted / drafted
+            assert len(recorded) == 1
+            fleet = float(recorded[0]["value"][1])
+            print(f"\nfleet: recorded {fleet:.4f}, token-weighted truth {truth:.4f} "
+                  f"({len(seen_a)} + {len(seen_b)} requests, {accepted}/{drafted})")
+            assert fleet == pytest.approx(truth, abs=0.01)
+            # every per-request number reached the sidecars' counters exactly
+            for (_, _, _, registry), seen in zip(sidecars, (seen_a, seen_b)):
+                labels = {"model": "tiny-target", "temperature_bucket": "0.3-0.5", "source": "vllm"}
+                assert registry.get_sample_value("specdec_request_accepted_tokens_total", labels) == sum(
+                    s["num_accepted_draft_tokens"] for s in seen)
+
+            await wait_for(lambda: any(e["event_action"] == "trigger" for e in receiver.pagerduty), timeout=90,
+                           what="a PagerDuty trigger")
+            trigger = next(e for e in receiver.pagerduty if e["event_action"] == "trigger")
+            assert trigger["routing_key"] == ROUTING_KEY
+            assert trigger["payload"]["severity"] == "critical"
+            assert trigger["payload"]["summary"].startswith(SUMMARY)
+            assert "SpecDecodeAcceptanceBelowBreakEven" in trigger["payload"]["summary"]
+            assert trigger["dedup_key"]
+            assert trigger["links"][0]["href"].endswith("#specdecodeacceptancebelowbreakeven")
+            assert all(e["payload"]["severity"] == "critical" for e in receiver.pagerduty if "payload" in e)
+
+            # Phase 2 (recovery): greedy requests one at a time through A: the self-draft accepts them.
+            async def resolved() -> bool:
+                if not any(e["event_action"] == "resolve" for e in receiver.pagerduty):
+                    await traffic(session, proxies[0], 0.0, 1, 3, None)
+                    return False
+                return True
+
+            await wait_for(resolved, timeout=150, what="a PagerDuty resolve")
+            resolve = next(e for e in receiver.pagerduty if e["event_action"] == "resolve")
+            assert resolve["dedup_key"] == trigger["dedup_key"]
+            assert resolve["routing_key"] == ROUTING_KEY
+            now = await prom_query(session, prom, "namespace_model:specdec_acceptance:ratio_rate5m")
+            print(f"recovered acceptance {float(now[0]['value'][1]):.3f}; "
+                  f"PagerDuty events {[e['event_action'] for e in receiver.pagerduty]}; "
+                  f"webhook (non-paging) alerts {sorted({a['labels']['alertname'] for m in receiver.webhook for a in m['alerts']})}")
+            # warnings went to the non-paging receiver, never to PagerDuty
+            assert all(a["labels"]["severity"] != "critical" for m in receiver.webhook for a in m["alerts"])
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for runner, _, _, _ in sidecars:
+            await runner.cleanup()
+        await receiver.runner.cleanup()
