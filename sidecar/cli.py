@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--window", type=float, default=60.0,
                      help="seconds of history the distributions cover (default 60)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--alertmanager", help="also show firing SpecDecode alerts from this Alertmanager URL")
     return parser
 
 
@@ -111,6 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.interval <= 0 or args.window <= 0:
             print("specdec-sidecar: --interval and --window must be positive", file=sys.stderr)
             return EXIT_BAD_SETTINGS
-        return run_top(args.url, args.interval, args.window, args.once)
+        return run_top(args.url, args.interval, args.window, args.once, alertmanager=args.alertmanager)
     parser.error(f"unknown command {args.command}")
     return EXIT_BAD_SETTINGS

@@ -8,6 +8,7 @@ view has seen (differences of the sidecar's counters and histogram buckets), so 
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.error
 import urllib.request
@@ -208,6 +209,31 @@ def _num(value: float | None, fmt: str = "{:.2f}") -> str:
     return "—" if value is None else fmt.format(value)
 
 
+def fetch_alerts(alertmanager: str, timeout: float = 5.0) -> list[dict]:
+    """Active, unsilenced, uninhibited specdec alerts from Alertmanager's v2 API."""
+    url = alertmanager.rstrip("/") + "/api/v2/alerts?active=true&silenced=false&inhibited=false"
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        alerts = json.loads(response.read())
+    return [a for a in alerts if str(a.get("labels", {}).get("alertname", "")).startswith("SpecDecode")]
+
+
+def render_alerts(alerts: list[dict] | str) -> Table | Text:
+    if isinstance(alerts, str):
+        return Text(f"Alertmanager: {alerts}", style="dim")
+    table = Table(title="Firing alerts (Alertmanager)", title_justify="left", expand=True)
+    for column in ("alert", "severity", "model", "temperature bucket", "since"):
+        table.add_column(column)
+    for alert in sorted(alerts, key=lambda a: (a["labels"].get("severity") != "critical", a["labels"]["alertname"])):
+        labels = alert["labels"]
+        severity = labels.get("severity", "")
+        table.add_row(Text(labels["alertname"], style="bold red" if severity == "critical" else "yellow"), severity,
+                      labels.get("model", ""), labels.get("temperature_bucket", ""),
+                      str(alert.get("startsAt", ""))[11:19])
+    if not alerts:
+        table.add_row(Text("none", style="green"), "", "", "", "")
+    return table
+
+
 def render(view: View, url: str) -> Group:
     status = Text("upstream up", style="green") if view.up else Text("upstream DOWN", style="bold red")
     header = Text.assemble(("specdec-sidecar top ", "bold"), (url, "cyan"), "  ", status,
@@ -230,7 +256,14 @@ def render(view: View, url: str) -> Group:
     return Group(header, models, buckets)
 
 
-def run_top(url: str, interval: float, window: float, once: bool, console: Console | None = None) -> int:
+def run_top(
+    url: str,
+    interval: float,
+    window: float,
+    once: bool,
+    console: Console | None = None,
+    alertmanager: str | None = None,
+) -> int:
     console = console or Console()
     history: deque[tuple[float, list[Sample]]] = deque()
 
@@ -245,7 +278,14 @@ def run_top(url: str, interval: float, window: float, once: bool, console: Conso
             history.popleft()
         base_t, base = history[0]
         use_base = base if len(history) > 1 else None
-        return render(build_view(samples, use_base, now - base_t), url)
+        view = render(build_view(samples, use_base, now - base_t), url)
+        if alertmanager:
+            try:
+                alerts: list[dict] | str = fetch_alerts(alertmanager)
+            except (urllib.error.URLError, OSError, ValueError) as error:
+                alerts = f"cannot read {alertmanager} ({error})"
+            view = Group(view, render_alerts(alerts))
+        return view
 
     if once:
         console.print(frame())

@@ -10,41 +10,25 @@ greedy traffic alone accepts almost everything, so real traffic drives acceptanc
 from __future__ import annotations
 
 import asyncio
-import json
-import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from conftest import wait_for
+from sidecar.alerting_stack import AlertingStack
 from sidecar.app import MONITOR, PROXY_PORT, create_app
-from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
-from sidecar.vllm_server import REPO, VllmServer, free_port, vllm_python
+from sidecar.top import fetch_alerts
+from sidecar.vllm_server import REPO, VllmServer, vllm_python
 
 pytestmark = pytest.mark.vllm
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdef012345"
 SUMMARY = "Speculative decoding accepts too few draft tokens to pay for itself."
-
-
-def binary(*names: str) -> str:
-    for name in names:
-        if path := shutil.which(name):
-            return path
-    pytest.fail(f"none of {names} is installed (make test installs prometheus and prometheus-alertmanager)")
-
-
-def shorten_rules(text: str) -> str:
-    text = re.sub(r"\[5m\]", "[30s]", text)
-    return re.sub(r"for: \d+m", "for: 5s", text)
 
 
 class Receiver:
@@ -125,48 +109,22 @@ async def prom_query(session, url: str, expr: str) -> list[dict]:
 
 
 async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
-    prometheus = binary("prometheus")
-    alertmanager = binary("prometheus-alertmanager", "alertmanager")
+    if not AlertingStack.available():
+        pytest.fail("prometheus and prometheus-alertmanager are not installed (make test installs them)")
     receiver = Receiver()
     await receiver.start()
     sidecars = [await start_sidecar(selfdraft_vllm.url) for _ in range(2)]
 
-    rules = []
-    for name in ("recording-rules.yaml", "alerts.yaml"):
-        copy = tmp_path / name
-        copy.write_text(shorten_rules((REPO / "alerts" / name).read_text()))
-        rules.append(str(copy))
-    key_file = tmp_path / "routing-key"
-    key_file.write_text(ROUTING_KEY + "\n")
-    am_config = yaml.safe_load((REPO / "alerts" / "alertmanager.yml").read_text())
-    am_config["route"].update(group_wait="1s", group_interval="2s", repeat_interval="1h")
-    for rcv in am_config["receivers"]:
-        for pd in rcv.get("pagerduty_configs", []):
-            pd["routing_key_file"] = str(key_file)
-            pd["url"] = f"http://127.0.0.1:{receiver.port}/v2/enqueue"
-        for hook in rcv.get("webhook_configs", []):
-            hook["url"] = f"http://127.0.0.1:{receiver.port}/specdec"
-    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(am_config))
-    am_port, prom_port = free_port(), free_port()
-    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": rules,
-        "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-        "scrape_configs": [{
-            "job_name": "specdec-sidecar",
-            "static_configs": [{"targets": [f"127.0.0.1:{port}" for _, port, _, _ in sidecars],
-                                "labels": {"namespace": "live"}}],
-        }],
-    }))
-    procs = [
-        subprocess.Popen([alertmanager, f"--config.file={tmp_path / 'alertmanager.yml'}",
-                          f"--storage.path={tmp_path / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                          "--cluster.listen-address="], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "am.log", "w")),
-        subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yml'}",
-                          f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
-                         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prom.log", "w")),
-    ]
-    prom = f"http://127.0.0.1:{prom_port}"
+    stack = AlertingStack(
+        workdir=tmp_path,
+        targets=[f"127.0.0.1:{port}" for _, port, _, _ in sidecars],
+        pagerduty_url=f"http://127.0.0.1:{receiver.port}/v2/enqueue",
+        webhook_url=f"http://127.0.0.1:{receiver.port}/specdec",
+        routing_key=ROUTING_KEY,
+        namespace="live",
+    )
+    stack.start()
+    prom = stack.prometheus_url
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
             async def targets_up() -> bool:
@@ -211,6 +169,9 @@ async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
             assert trigger["dedup_key"]
             assert trigger["links"][0]["href"].endswith("#specdecodeacceptancebelowbreakeven")
             assert all(e["payload"]["severity"] == "critical" for e in receiver.pagerduty if "payload" in e)
+            # `top --alertmanager` reads the same alert from Alertmanager's API
+            firing = {a["labels"]["alertname"] for a in fetch_alerts(stack.alertmanager_url)}
+            assert "SpecDecodeAcceptanceBelowBreakEven" in firing
 
             # Phase 2 (recovery): greedy requests one at a time through A: the self-draft accepts them.
             async def resolved() -> bool:
@@ -230,13 +191,7 @@ async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
             # warnings went to the non-paging receiver, never to PagerDuty
             assert all(a["labels"]["severity"] != "critical" for m in receiver.webhook for a in m["alerts"])
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stack.stop()
         for runner, _, _, _ in sidecars:
             await runner.cleanup()
         await receiver.runner.cleanup()

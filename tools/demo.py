@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from sidecar.alerting_stack import AlertingStack  # noqa: E402
 from sidecar.top import run_top  # noqa: E402
 from sidecar.vllm_server import VllmServer, draft_model_config, free_port  # noqa: E402
 
@@ -65,6 +66,37 @@ def load(proxy: str, stop: threading.Event, concurrency: int) -> None:
         thread.start()
 
 
+class PagerDutySink:
+    """A loopback stand-in for PagerDuty's Events API v2 (and the warning webhook): accepts and counts."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.events: list[dict] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    sink.events.append(json.loads(body))
+                except ValueError:
+                    pass
+                self.send_response(202)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
 def wait_http(url: str, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -94,8 +126,15 @@ def main() -> int:
         startup_timeout=400,
     )
 
+    stopping: list = []
+
     def shutdown(*_: object) -> None:
         stop.set()
+        for step in reversed(stopping):
+            try:
+                step()
+            except Exception as error:  # noqa: BLE001 — keep stopping the rest
+                say(f"while stopping: {error}")
         for child in children:
             if child.poll() is None:
                 try:
@@ -132,13 +171,29 @@ def main() -> int:
         say(f"sidecar: proxy http://127.0.0.1:{proxy_port} -> vLLM, metrics {metrics}")
         say(f"load: {args.concurrency} clients, temperatures 0/0.2/0.5/0.8/1.0/omitted, streamed and not")
         load(f"http://127.0.0.1:{proxy_port}", stop, args.concurrency)
-        say("Prometheus/Alertmanager: not started (the alert rules are not in this project yet)")
+        alertmanager = None
+        if AlertingStack.available():
+            sink = PagerDutySink()
+            stack = AlertingStack(
+                workdir=state / "alerting", targets=[f"127.0.0.1:{metrics_port}"],
+                pagerduty_url=sink.url + "/v2/enqueue", webhook_url=sink.url + "/warnings",
+            )
+            stopping.append(stack.stop)
+            stopping.append(sink.stop)
+            stack.start()
+            alertmanager = stack.alertmanager_url
+            say(f"Prometheus {stack.prometheus_url} and Alertmanager {alertmanager} run the project's rules with "
+                "30s windows and 5s `for:` so the break-even page shows within a minute; pages go to a loopback "
+                "stand-in for PagerDuty")
+        else:
+            say("Prometheus/Alertmanager not installed (apt-get install prometheus prometheus-alertmanager); "
+                "running without alerts")
         if args.once_after:
             time.sleep(args.once_after)
-            return run_top(metrics, 2.0, 600.0, once=True)
+            return run_top(metrics, 2.0, 600.0, once=True, alertmanager=alertmanager)
         say("starting top; Ctrl-C stops everything")
         time.sleep(2)
-        return run_top(metrics, 2.0, 60.0, once=False)
+        return run_top(metrics, 2.0, 60.0, once=False, alertmanager=alertmanager)
     except KeyboardInterrupt:
         return 0
     finally:
