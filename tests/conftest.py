@@ -34,6 +34,14 @@ def vllm_exposition(request) -> str:
     return fixture_text(request.param)
 
 
+async def serve_loopback(app: web.Application, port: int = 0, **runner_kw) -> tuple[web.AppRunner, int]:
+    """Serve *app* on 127.0.0.1 (port 0 = any free one); returns the runner and the bound port."""
+    runner = web.AppRunner(app, **runner_kw)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, runner.addresses[0][1]
+
+
 class FakeVllm:
     """A loopback HTTP server that answers /metrics with whatever the test says, and can vanish."""
 
@@ -57,11 +65,7 @@ class FakeVllm:
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/metrics", self._metrics)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        self._runner, self.port = await serve_loopback(app, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -167,11 +171,7 @@ class ReplayVllm:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_route("*", "/{tail:.*}", self.anything)
-        self.runner = web.AppRunner(app, handler_cancellation=True)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        self.runner, self.port = await serve_loopback(app, handler_cancellation=True)
 
     @property
     def url(self) -> str:

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import wait_for
+from conftest import serve_loopback, wait_for
 from sidecar.alerting_stack import AlertingStack
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.config import build_settings
@@ -54,11 +54,7 @@ class Receiver:
         app = web.Application()
         app.router.add_post("/v2/enqueue", self.enqueue)
         app.router.add_post("/specdec", self.hook)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self.runner.addresses[0][1]
+        self.runner, self.port = await serve_loopback(app)
 
 
 @pytest.fixture(scope="module")
@@ -78,12 +74,9 @@ async def start_sidecar(upstream: str) -> tuple[web.AppRunner, int, int, Collect
     settings = build_settings(upstream=upstream, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m",
                               verdict_window="1m", proxy_port=0, proxy_host="127.0.0.1", min_drafts=1)
     app = create_app(settings, registry)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    runner, port = await serve_loopback(app)
     await wait_for(lambda: app[MONITOR].state.up, timeout=30)
-    return runner, runner.addresses[0][1], app[PROXY_PORT], registry
+    return runner, port, app[PROXY_PORT], registry
 
 
 async def traffic(session, proxy: str, temperature: float, workers: int, seconds: float, log: list | None):

@@ -4,13 +4,11 @@ import json
 import subprocess
 import sys
 
-import aiohttp
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import generate_latest
 from rich.console import Console
 
 from conftest import FIXTURES, wait_for
-from sidecar.app import MONITOR, PROXY_PORT, create_app
-from sidecar.config import build_settings
+from sidecar.app import MONITOR
 from sidecar.exposition import parse
 from sidecar.quantiles import histogram_quantile
 from sidecar.top import WANTED, build_view, render
@@ -25,22 +23,17 @@ def test_histogram_quantile_matches_promql_interpolation():
     assert histogram_quantile(0.9, [(1.0, 1.0), (float("inf"), 5.0)]) == 1.0  # rank in +Inf: highest finite
 
 
-async def test_view_from_live_sidecar(aiohttp_client, upstream):
-    registry = CollectorRegistry()
-    settings = build_settings(upstream=upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s",
-                              windows="10m", verdict_window="10m", proxy_port=0, proxy_host="127.0.0.1",
-                              min_drafts=1, models="tiny-target")
-    client = await aiohttp_client(create_app(settings, registry))
-    port = client.app[PROXY_PORT]
-    await wait_for(lambda: client.app[MONITOR].state.up)
+async def test_view_from_live_sidecar(proxy):
+    registry = proxy.registry
+    monitor = proxy.metrics_client.app[MONITOR]
+    await wait_for(lambda: monitor.state.up)
     before = parse(generate_latest(registry).decode(), WANTED).samples
-    async with aiohttp.ClientSession() as s:
-        for temperature, stream in ((0.0, False), (0.0, True), (0.9, False)):
-            body = {"model": "tiny-target", "prompt": "x", "temperature": temperature, "stream": stream}
-            async with s.post(f"http://127.0.0.1:{port}/v1/completions", json=body) as r:
-                await r.read()
-    polls = client.app[MONITOR].state.scrapes
-    await wait_for(lambda: client.app[MONITOR].state.scrapes >= polls + 2)
+    for temperature, stream in ((0.0, False), (0.0, True), (0.9, False)):
+        body = {"model": "tiny-target", "prompt": "x", "temperature": temperature, "stream": stream}
+        async with proxy.post(proxy.base + "/v1/completions", json=body) as r:
+            await r.read()
+    polls = monitor.state.scrapes
+    await wait_for(lambda: monitor.state.scrapes >= polls + 2)
     after = parse(generate_latest(registry).decode(), WANTED).samples
     view = build_view(after, before, 10.0)
     assert view.up
