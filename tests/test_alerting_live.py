@@ -25,7 +25,8 @@ from sidecar.config import build_settings
 from sidecar.top import fetch_alerts
 from sidecar.vllm_server import REPO, VllmServer, vllm_python
 
-pytestmark = pytest.mark.vllm
+# vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 ROUTING_KEY = "R0UT1NGKEY0123456789abcdef012345"
 SUMMARY = "Speculative decoding accepts too few draft tokens to pay for itself."

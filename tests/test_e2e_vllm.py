@@ -25,7 +25,8 @@ from sidecar.verdict import decide
 from sidecar.vllm_metrics import read_vllm_metrics
 from sidecar.vllm_server import REPO, VllmServer, draft_model_config, ngram_config, vllm_python
 
-pytestmark = pytest.mark.vllm
+# vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 MODELS = REPO / "models"
 

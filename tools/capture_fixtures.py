@@ -61,10 +61,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("tests/fixtures"))
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
-    parser.add_argument("--log", type=Path, default=Path("/tmp/specdec-capture-vllm.log"))
+    parser.add_argument("--log", type=Path, default=Path(".cache/capture-vllm.log"))
     args = parser.parse_args()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, dict] = {}
     version = None
 
