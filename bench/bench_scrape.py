@@ -14,7 +14,6 @@ import gc
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import threading

@@ -8,7 +8,7 @@ Used by ``top`` and ``measure``; the recording rules use PromQL's own function, 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 
 def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -49,7 +49,3 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
             return lower + (le - lower) * (rank - previous_count) / width
         previous_le, previous_count = le, count
     return fixed[-2][0] if len(fixed) > 1 else None
-
-
-def quantiles(buckets: Sequence[tuple[float, float]], qs: Sequence[float]) -> Mapping[float, float | None]:
-    return {q: histogram_quantile(q, buckets) for q in qs}

@@ -19,9 +19,7 @@ Per-request acceptance, in order of preference:
 from __future__ import annotations
 
 import json
-import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 OBSERVED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
@@ -263,14 +261,3 @@ class SseObserver:
             outcome.spec = SpecStats(
                 accepted=accepted, drafted=None, steps=outcome.content_chunks, source="stream_steps"
             )
-
-
-@dataclass(slots=True)
-class Timing:
-    started: float = field(default_factory=time.perf_counter)
-
-    def since(self, t: float | None) -> float | None:
-        if t is None:
-            return None
-        value = t - self.started
-        return value if math.isfinite(value) and value >= 0 else None

@@ -9,7 +9,6 @@ import os
 
 import aiohttp
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
