@@ -53,7 +53,9 @@ def _forward_headers(headers: CIMultiDict[str] | object) -> CIMultiDict[str]:
         connection_listed |= {token.strip().lower() for token in value.split(",")}
     for key, value in headers.items():  # type: ignore[attr-defined]
         lowered = key.lower()
-        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered == "host" or lowered == "content-length":
+        # Host and Content-Length are set for the upstream hop; Expect was already answered to the client
+        # (aiohttp sends its 100 Continue), so repeating it upstream could stall the body.
+        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in ("host", "content-length", "expect"):
             continue
         out.add(key, value)
     return out

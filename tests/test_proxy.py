@@ -211,3 +211,12 @@ async def test_model_labels_follow_v1_models_when_no_allowlist(aiohttp_client, u
                  status_class="2xx") == 1
     assert value(registry, "specdec_requests_total", model="other", temperature_bucket="default",
                  status_class="2xx") == 1
+
+
+async def test_expect_100_continue_is_answered_and_not_repeated_upstream(proxy, upstream):
+    body = b'{"model":"tiny-target"}'
+    async with proxy.post(proxy.base + "/v1/completions", data=body, expect100=True,
+                          headers={"X-Fake": "echo"}) as r:
+        got = await r.json()
+    assert got["sha256"] == hashlib.sha256(body).hexdigest()
+    assert "Expect" not in upstream.seen[-1]["headers"]
