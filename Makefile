@@ -40,9 +40,11 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## bench: scrape-path benchmark, figures into docs/benchmarks.md
+## bench: scrape-path and proxy-path benchmarks (the latter against nginx), figures into docs/benchmarks.md
 bench: venv
+	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >/dev/null; } || echo "nginx not installed: the proxy benchmark runs without it"
 	$(BIN)/python bench/bench_scrape.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_proxy.py --write docs/benchmarks.md
 
 ## vllm: a separate virtualenv with vLLM's CPU build (its pins stay out of the sidecar's)
 vllm: $(VLLM_VENV)/.installed
