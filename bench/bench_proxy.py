@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -209,6 +210,17 @@ def proxy_pids(proc: subprocess.Popen) -> list[int]:
     return [proc.pid, *map(int, children)]
 
 
+def _median_round(rounds: list[dict]) -> dict:
+    """Per figure, the median over rounds."""
+    out: dict = {}
+    for part in rounds[0]:
+        out[part] = {}
+        for key in rounds[0][part]:
+            values = [r[part][key] for r in rounds if r[part][key] is not None]
+            out[part][key] = statistics.median(values) if values else None
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -221,6 +233,7 @@ def main() -> int:
     parser.add_argument("--write", type=Path)
     parser.add_argument("--client", nargs=4, metavar=("URL", "MODE", "CONCURRENCY", "COUNT"))
     parser.add_argument("--upstream", type=int)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians")
     args = parser.parse_args()
     if args.upstream:
         asyncio.run(upstream_main(args.upstream))
@@ -237,43 +250,71 @@ def main() -> int:
         up_port, side_port, metrics_port, nginx_port = free_port(), free_port(), free_port(), free_port()
         procs.append(pinned(1, [sys.executable, __file__, "--upstream", str(up_port)]))
         wait_port(up_port)
-        sidecar = pinned(0, [sys.executable, "-m", "sidecar", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
-                             "--proxy-port", str(side_port), "--proxy-host", "127.0.0.1", "--metrics-port",
-                             str(metrics_port), "--metrics-host", "127.0.0.1", "--models", "m",
-                             "--log-level", "error"], cwd=ROOT)
+        def start_sidecar(loop: str, proxy_port: int, metrics: int) -> subprocess.Popen:
+            return pinned(0, [sys.executable, "-m", "sidecar", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
+                              "--proxy-port", str(proxy_port), "--proxy-host", "127.0.0.1", "--metrics-port",
+                              str(metrics), "--metrics-host", "127.0.0.1", "--models", "m", "--event-loop", loop,
+                              "--log-level", "error"], cwd=ROOT)
+
+        sidecar = start_sidecar("asyncio", side_port, metrics_port)
         procs.append(sidecar)
+        has_uvloop = importlib.util.find_spec("uvloop") is not None
+        if has_uvloop:
+            uv_port, uv_metrics = free_port(), free_port()
+            sidecar_uv = start_sidecar("uvloop", uv_port, uv_metrics)
+            procs.append(sidecar_uv)
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=tmp, upstream=up_port, port=nginx_port))
         has_nginx = Path(nginx).exists()
         if has_nginx:
             procs.append(pinned(0, [nginx, "-c", str(conf), "-p", str(tmp)], stderr=subprocess.DEVNULL))
         wait_port(side_port)
+        if has_uvloop:
+            wait_port(uv_port)
         if has_nginx:
             wait_port(nginx_port)
         targets = {"direct": (up_port, None), "sidecar": (side_port, sidecar)}
+        if has_uvloop:
+            targets["sidecar (uvloop)"] = (uv_port, sidecar_uv)
         if has_nginx:
             targets["nginx"] = (nginx_port, procs[-1])
         path = "/v1/chat/completions"
         results: dict[str, dict[str, dict]] = {}
         for name, (port, _) in targets.items():  # warm-up
             run_client(f"http://127.0.0.1:{port}{path}", "request", 8, 200)
-        for name, (port, proc) in targets.items():
-            url = f"http://127.0.0.1:{port}{path}"
-            results[name] = {
-                "request": run_client(url, "request", 32, 3000),
-                "chunks": run_client(url, "chunks", 200, 0),
+        rounds: dict[str, list[dict]] = {name: [] for name in targets}
+        for round_no in range(args.rounds):  # interleaved, so drift on the machine hits every path alike
+            for name, (port, proc) in targets.items():
+                url = f"http://127.0.0.1:{port}{path}"
+                result = {
+                    "request": run_client(url, "request", 32, 3000),
+                    "chunks": run_client(url, "chunks", 200, 0),
+                }
+                pids = proxy_pids(proc) if proc is not None else []
+                before = cpu_seconds(pids)
+                result["rate"] = run_client(url, "rate", 64, 2000)
+                used = cpu_seconds(pids) - before
+                result["rate"]["proxy_cpu_seconds"] = used
+                result["rate"]["events_per_cpu_second"] = result["rate"]["events"] / used if used else None
+                rounds[name].append(result)
+                print(round_no, name, json.dumps(result), flush=True)
+        results = {name: _median_round(rs) for name, rs in rounds.items()}
+        spread = {name: [r["chunks"]["p99"] - rounds["direct"][i]["chunks"]["p99"] for i, r in enumerate(rs)]
+                  for name, rs in rounds.items() if name != "direct"}
+        if "nginx" in rounds:
+            spread_rate = {
+                name: [r["rate"]["events_per_cpu_second"] / rounds["nginx"][i]["rate"]["events_per_cpu_second"]
+                       for i, r in enumerate(rs)]
+                for name, rs in rounds.items() if name.startswith("sidecar")
             }
-            pids = proxy_pids(proc) if proc is not None else []
-            before = cpu_seconds(pids)
-            results[name]["rate"] = run_client(url, "rate", 64, 2000)
-            used = cpu_seconds(pids) - before
-            results[name]["rate"]["proxy_cpu_seconds"] = used
-            results[name]["rate"]["events_per_cpu_second"] = results[name]["rate"]["events"] / used if used else None
-            print(name, json.dumps(results[name]), flush=True)
-        rss = peak_rss_mb(sidecar.pid)
+        else:
+            spread_rate = {}
+        rss = {"sidecar": peak_rss_mb(sidecar.pid)}
+        if has_uvloop:
+            rss["sidecar (uvloop)"] = peak_rss_mb(sidecar_uv.pid)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
         seen = sum(float(v) for v in re.findall(r'^specdec_requests_total\{[^}]*\} (\S+)$', metrics, re.M))
-        print(f"sidecar peak RSS {rss:.0f} MB; requests counted by the tap {seen:.0f}", flush=True)
+        print(f"sidecar peak RSS {rss} MB; requests counted by the tap {seen:.0f}", flush=True)
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
@@ -284,11 +325,11 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     if args.write:
-        _write(args.write, results, rss, seen)
+        _write(args.write, results, rss, seen, spread, spread_rate, args.rounds)
     return 0
 
 
-def _write(path: Path, results: dict, rss: float, seen: float) -> None:
+def _write(path: Path, results: dict, rss: dict, seen: float, spread: dict, spread_rate: dict, rounds: int) -> None:
     import platform
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -302,6 +343,8 @@ def _write(path: Path, results: dict, rss: float, seen: float) -> None:
         f"{time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/bench_proxy.py --write docs/benchmarks.md`.",
         "The proxy under test is pinned to core 0; upstream and load generator share core 1, so the direct",
         "figures include no proxy at all and the proxied ones include one hop on its own core.",
+        f"Every figure is the median of {rounds} interleaved rounds; the added chunk p99 of each round is listed",
+        "below the table, because on a shared 2-core machine it moves a lot from round to round.",
         "",
         "| path | request p50 | request p99 | chunk p50 | chunk p99 | added/chunk p50 | added/chunk p99 | events/s seen | events per proxy CPU-second |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -318,15 +361,26 @@ def _write(path: Path, results: dict, rss: float, seen: float) -> None:
             + ("— |" if not per_cpu else f"{per_cpu:.0f} |")
         )
     lines.append("")
+    for name, values in spread.items():
+        lines.append(f"Added chunk p99 per round, {name}: " + ", ".join(f"{v:+.2f} ms" for v in values) + ".")
+    lines.append("")
     if "nginx" in results:
-        ratio = results["sidecar"]["rate"]["events_per_cpu_second"] / results["nginx"]["rate"]["events_per_cpu_second"]
+        nginx_rate = results["nginx"]["rate"]["events_per_cpu_second"]
+        ratios = ", ".join(
+            f"{name}: **{results[name]['rate']['events_per_cpu_second'] / nginx_rate:.2f}**"
+            for name in results if name.startswith("sidecar")
+        )
         lines.append(
-            f"Maximum chunk rate on one core, as events relayed per CPU-second of the proxy process: sidecar / nginx "
-            f"= **{ratio:.2f}** (target: at least 0.5). The load generator, not the proxies, limits the events/s "
-            "seen, which is why a proxy (it merges events into fewer, larger writes) can look faster than direct."
+            f"Maximum chunk rate on one core, as events relayed per CPU-second of the proxy process, relative to "
+            f"nginx: {ratios} (target: at least 0.5); per round: "
+            + "; ".join(f"{name} " + ", ".join(f"{v:.2f}" for v in vals) for name, vals in spread_rate.items())
+            + ". The load generator, not the proxies, limits the events/s seen, and a proxy merges events into "
+            "fewer, larger reads and writes when its reader falls behind, so events per CPU-second moves with "
+            "how much merging a round got."
         )
     lines += [
-        f"Sidecar peak RSS over the whole run (VmHWM): **{rss:.0f} MB** (target: at most 80 MB). "
+        "Peak RSS over the whole run (VmHWM) per sidecar process: "
+        + ", ".join(f"{name} **{mb:.0f} MB**" for name, mb in rss.items()) + " (target: at most 80 MB). "
         f"The tap counted {seen:.0f} observed requests during the run.",
         "Negative added latency means the hop costs less than this method resolves: with a proxy on core 0 the "
         "upstream and the load generator on core 1 compete less, which outweighs the extra hop. The chunk p99 "

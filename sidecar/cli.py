@@ -91,6 +91,18 @@ async def _serve(settings: Settings) -> None:
         await runner.cleanup()
 
 
+def _loop_factory(choice: str):
+    """uvloop's loop when asked for; None = asyncio's default. (Measured side by side in
+    bench/bench_proxy.py: no clear gain on this workload, a few MB more RSS, so it is not the default.)"""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise ImportError("uvloop is not installed (pip install 'specdec-sidecar[uvloop]')") from None
+    return uvloop.new_event_loop
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -102,9 +114,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_SETTINGS
         configure_logging(settings.log_format, settings.log_level)
         try:
-            asyncio.run(_serve(settings))
+            with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+                runner.run(_serve(settings))
         except KeyboardInterrupt:
             pass
+        except ImportError as error:
+            print(f"specdec-sidecar: invalid setting --event-loop / SPECDEC_EVENT_LOOP: {error}", file=sys.stderr)
+            return EXIT_BAD_SETTINGS
         return 0
     if args.command == "top":
         from sidecar.top import run_top

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest request or non-streamed response body (bytes) the tap parses."
     )
     upstream_connect_timeout: float = Field(5.0, description="Timeout to connect to vLLM for a proxied request.")
+    event_loop: Literal["asyncio", "uvloop"] = Field(
+        "asyncio", description="Event loop: asyncio's own, or uvloop (pip install 'specdec-sidecar[uvloop]')."
+    )
     log_format: Literal["json", "console"] = Field("json", description="json (one object per line) or console.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
 
@@ -134,7 +137,7 @@ class Settings(BaseSettings):
         seconds = sorted({parse_duration(item) for item in items})
         return seconds
 
-    @field_validator("log_format", "log_level", mode="before")
+    @field_validator("log_format", "log_level", "event_loop", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
