@@ -21,7 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import Settings, format_duration
-from sidecar.derive import GroupHealth, WindowStats
+from sidecar.derive import GroupHealth, WindowStats, clamped_ratio
 from sidecar.monitor import MonitorState
 from sidecar.request_metrics import RequestMetrics
 from sidecar.verdict import VERDICTS, decide
@@ -127,7 +127,7 @@ class HealthCollector(Collector):
             deltas = requests.bucket_deltas(window, tolerance)
             for (model, bucket), totals in sorted(deltas.items()):
                 enough = totals.steps >= s.min_drafts and totals.drafted > 0
-                value = min(1.0, max(0.0, totals.accepted / totals.drafted)) if enough else None
+                value = clamped_ratio(totals.accepted, totals.drafted) if enough else None
                 if value is not None:
                     rate.add_metric([model, bucket, format_duration(window)], value)
                 if window == s.verdict_window:

@@ -8,9 +8,11 @@ plain subtractions of adjusted totals, so a restart never yields a negative or s
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol, TypeVar
 
 from sidecar.verdict import Verdict, decide
 from sidecar.vllm_metrics import COUNTERS, EngineSample, SeriesKey, VllmSnapshot
@@ -65,11 +67,18 @@ def advance(previous: Point | None, t: float, snapshot: VllmSnapshot) -> Point:
     return Point(t, snapshot, MappingProxyType(raw), MappingProxyType(totals), resets)
 
 
-def base_point(points: Sequence[Point], window: float, tolerance: float) -> Point | None:
+class Timed(Protocol):
+    t: float
+
+
+T = TypeVar("T", bound=Timed)
+
+
+def base_point(points: Sequence[T], window: float, tolerance: float) -> T | None:
     """The newest point at least *window* seconds (less *tolerance*) before the last one.
 
     While the history is shorter than the window the oldest point is used (a partial window; its real
-    span is exported). ``None`` when there are fewer than two points.
+    span is exported). ``None`` when there are fewer than two points. Any history of items with ``.t``.
     """
     if len(points) < 2:
         return None
@@ -82,6 +91,17 @@ def base_point(points: Sequence[Point], window: float, tolerance: float) -> Poin
         else:
             break
     return chosen
+
+
+def trim_history(points: deque[T], now: float, keep: float) -> None:
+    """Drop points no window of length *keep* can start from, keeping the newest one at least that old."""
+    while len(points) > 2 and points[1].t <= now - keep:
+        points.popleft()
+
+
+def clamped_ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator held to 0..1: counters read a moment apart must not yield 1.02 or -0.01."""
+    return min(1.0, max(0.0, numerator / denominator))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +146,6 @@ class WindowStats:
         return self.per_second(self.preemptions)
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    return min(1.0, max(0.0, numerator / denominator))
-
-
 def _delta(now: Mapping[str, float], base: Mapping[str, float] | None, name: str) -> float | None:
     if name not in now:
         return None
@@ -165,15 +181,15 @@ def window_stats(
     token_ratio = None
     if enough and accepted is not None:
         if draft_tokens:
-            acceptance = _ratio(accepted, draft_tokens)
+            acceptance = clamped_ratio(accepted, draft_tokens)
         if drafts:
             # 1 + accepted per step, bounded by the number of speculative positions + 1 when known.
             mean_len = 1.0 + max(0.0, accepted / drafts)
             if per_position:
                 mean_len = min(mean_len, 1.0 + len(per_position))
-            positions = {pos: _ratio(count, drafts) for pos, count in sorted(per_position.items())}
+            positions = {pos: clamped_ratio(count, drafts) for pos, count in sorted(per_position.items())}
         if generated:
-            token_ratio = _ratio(accepted, generated)
+            token_ratio = clamped_ratio(accepted, generated)
     return WindowStats(
         window=window,
         span=span,

@@ -17,7 +17,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.config import Settings
-from sidecar.derive import Health, Point, advance, derive
+from sidecar.derive import Health, Point, advance, derive, trim_history
 from sidecar.scrape import ScrapeError, ScrapeResult, Scraper
 
 log = structlog.get_logger("sidecar.monitor")
@@ -123,8 +123,7 @@ class Monitor:
         self.metrics.invalid_lines.inc(result.snapshot.invalid_lines)
         self.metrics.last_success.set(time.time())
         self._points.append(point)
-        while len(self._points) > 2 and self._points[1].t <= t - self._max_window:
-            self._points.popleft()
+        trim_history(self._points, t, self._max_window)
         s = self.settings
         health = derive(
             self._points,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sidecar.buckets import TemperatureBuckets
+from sidecar.derive import base_point, trim_history
 from sidecar.tap import Outcome, RequestInfo
 
 OTHER_MODEL = "other"
@@ -45,6 +46,14 @@ class BucketTotals:
     accepted: float
     drafted: float
     steps: float
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """Cumulative per-(model, bucket) totals at one poll tick."""
+
+    t: float
+    totals: dict[tuple[str, str], BucketTotals]
 
 
 class ModelNames:
@@ -131,7 +140,7 @@ class RequestMetrics:
         for reason in UNATTRIBUTED_REASONS:
             self.unattributed.labels(reason)
         self._totals: dict[tuple[str, str], list[float]] = {}
-        self._checkpoints: deque[tuple[float, dict[tuple[str, str], BucketTotals]]] = deque()
+        self._checkpoints: deque[Checkpoint] = deque()
 
     def request_done(self, info: RequestInfo | None, outcome: Outcome, started: float, ended: float) -> None:
         if info is None:
@@ -187,27 +196,20 @@ class RequestMetrics:
 
     def checkpoint(self, t: float) -> None:
         snapshot = {key: BucketTotals(*values) for key, values in self._totals.items()}
-        self._checkpoints.append((t, snapshot))
-        while len(self._checkpoints) > 2 and self._checkpoints[1][0] <= t - self._history_seconds:
-            self._checkpoints.popleft()
+        self._checkpoints.append(Checkpoint(t, snapshot))
+        trim_history(self._checkpoints, t, self._history_seconds)
 
     def bucket_deltas(self, window: float, tolerance: float) -> dict[tuple[str, str], BucketTotals]:
         """Per (model, bucket) totals accumulated over the window (source vllm only)."""
-        if len(self._checkpoints) < 2:
+        base = base_point(self._checkpoints, window, tolerance)
+        if base is None:
             return {}
-        last_t, last = self._checkpoints[-1]
-        base = self._checkpoints[0][1]
-        for t, snap in list(self._checkpoints)[:-1]:
-            if t <= last_t - window + tolerance:
-                base = snap
-            else:
-                break
         zero = BucketTotals(0.0, 0.0, 0.0)
         return {
             key: BucketTotals(
-                now.accepted - base.get(key, zero).accepted,
-                now.drafted - base.get(key, zero).drafted,
-                now.steps - base.get(key, zero).steps,
+                now.accepted - base.totals.get(key, zero).accepted,
+                now.drafted - base.totals.get(key, zero).drafted,
+                now.steps - base.totals.get(key, zero).steps,
             )
-            for key, now in last.items()
+            for key, now in self._checkpoints[-1].totals.items()
         }

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from sidecar.derive import clamped_ratio
+
 OBSERVED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
 
@@ -73,7 +75,7 @@ class SpecStats:
     def acceptance_rate(self) -> float | None:
         if not self.drafted:
             return None
-        return min(1.0, max(0.0, self.accepted / self.drafted))
+        return clamped_ratio(self.accepted, self.drafted)
 
     @property
     def mean_acceptance_length(self) -> float | None:
