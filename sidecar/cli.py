@@ -12,11 +12,10 @@ import structlog
 from aiohttp import web
 
 from sidecar import __version__
-from sidecar.config import Settings, SettingsError, build_settings, format_duration
+from sidecar.config import DURATION_FIELDS, Settings, SettingsError, build_settings, format_duration
 from sidecar.logs import configure_logging
 
 EXIT_BAD_SETTINGS = 2
-DURATIONS = {"scrape_interval", "scrape_timeout", "windows", "verdict_window", "upstream_connect_timeout"}
 
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +23,7 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=True)
-        if name in DURATIONS:
+        if name in DURATION_FIELDS:
             shown = ",".join(format_duration(v) for v in default) if isinstance(default, list) else format_duration(default)
         elif isinstance(default, list | tuple):
             shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) or "unset"

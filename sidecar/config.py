@@ -46,6 +46,10 @@ def format_duration(seconds: float) -> str:
     return f"{int(round(seconds * 1000))}ms"
 
 
+# Settings given as durations ("5s", "1m"): validated by parse_duration, shown by format_duration.
+DURATION_FIELDS = ("scrape_interval", "scrape_timeout", "windows", "verdict_window", "upstream_connect_timeout")
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
@@ -123,7 +127,7 @@ class Settings(BaseSettings):
     def _models(cls, value: object) -> object:
         return _split_list(value)
 
-    @field_validator("scrape_interval", "scrape_timeout", "verdict_window", "upstream_connect_timeout", mode="before")
+    @field_validator(*(f for f in DURATION_FIELDS if f != "windows"), mode="before")
     @classmethod
     def _duration(cls, value: object) -> float:
         return parse_duration(value)  # type: ignore[arg-type]

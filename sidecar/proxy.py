@@ -46,19 +46,22 @@ class Recorder(Protocol):
     def request_done(self, info: RequestInfo | None, outcome: Outcome, started: float, ended: float) -> None: ...
 
 
-def _forward_headers(headers: CIMultiDict[str] | object) -> CIMultiDict[str]:
+def end_to_end(headers: CIMultiDict[str] | object, also_drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """*headers* less the hop-by-hop ones: the fixed list, those named by ``Connection``, and *also_drop*
+    (lower case). Used for both directions, so requests and responses lose exactly the same kinds."""
     out: CIMultiDict[str] = CIMultiDict()
-    connection_listed: set[str] = set()
+    drop = set(HOP_BY_HOP) | also_drop
     for value in headers.getall("Connection", []):  # type: ignore[attr-defined]
-        connection_listed |= {token.strip().lower() for token in value.split(",")}
+        drop |= {token.strip().lower() for token in value.split(",")}
     for key, value in headers.items():  # type: ignore[attr-defined]
-        lowered = key.lower()
-        # Host and Content-Length are set for the upstream hop; Expect was already answered to the client
-        # (aiohttp sends its 100 Continue), so repeating it upstream could stall the body.
-        if lowered in HOP_BY_HOP or lowered in connection_listed or lowered in ("host", "content-length", "expect"):
-            continue
-        out.add(key, value)
+        if key.lower() not in drop:
+            out.add(key, value)
     return out
+
+
+# Host and Content-Length are set for the upstream hop; Expect was already answered to the client (aiohttp
+# sends its 100 Continue), so repeating it upstream could stall the body.
+REQUEST_ONLY_DROP = frozenset({"host", "content-length", "expect"})
 
 
 def openai_error(status: int, message: str, kind: str) -> web.Response:
@@ -120,7 +123,7 @@ class Proxy:
             except Exception:  # noqa: BLE001 — observation must never break the proxy
                 info = RequestInfo(endpoint=endpoint, parse_error="unparsable_request")
 
-        headers = _forward_headers(request.headers)
+        headers = end_to_end(request.headers, REQUEST_ONLY_DROP)
         skip = [h for h in CLIENT_AUTO_HEADERS if h not in request.headers]
         # raw_path is the path and query exactly as the client sent them: no re-encoding on the way.
         url = URL(self._upstream + request.raw_path, encoded=True)
@@ -162,10 +165,9 @@ class Proxy:
         started: float,
     ) -> web.StreamResponse:
         outcome.status = upstream.status
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        for key, value in upstream.headers.items():
-            if key.lower() not in HOP_BY_HOP:
-                response.headers.add(key, value)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=end_to_end(upstream.headers)
+        )
         observer = None
         if info is not None and info.parse_error is None and upstream.status < 400:
             content_type = upstream.headers.get("Content-Type", "")

@@ -220,3 +220,16 @@ async def test_expect_100_continue_is_answered_and_not_repeated_upstream(proxy, 
         got = await r.json()
     assert got["sha256"] == hashlib.sha256(body).hexdigest()
     assert "Expect" not in upstream.seen[-1]["headers"]
+
+
+def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers():
+    from multidict import CIMultiDict
+
+    from sidecar.proxy import REQUEST_ONLY_DROP, end_to_end
+
+    headers = CIMultiDict([("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"),
+                           ("Transfer-Encoding", "chunked"), ("Content-Length", "3"), ("X-Keep", "a"),
+                           ("X-Keep", "b"), ("Authorization", "Bearer t")])
+    assert list(end_to_end(headers).items()) == [("Content-Length", "3"), ("X-Keep", "a"), ("X-Keep", "b"),
+                                                 ("Authorization", "Bearer t")]
+    assert "Content-Length" not in end_to_end(headers, REQUEST_ONLY_DROP)
