@@ -85,6 +85,19 @@ async def fake_vllm():
     await server.stop()
 
 
+def start_vllm(tmp_path_factory, speculative: dict, per_request_metrics: bool = True):
+    """A real vLLM serving the tiny target (not yet started: use ``with``); fails, never skips, without vLLM."""
+    from sidecar.vllm_server import REPO, VllmServer, vllm_python
+
+    if not vllm_python().exists():
+        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
+    log = Path(tmp_path_factory.mktemp("vllm")) / "vllm.log"
+    return VllmServer(
+        model=REPO / "models" / "tiny-target", speculative=speculative, log_path=log, startup_timeout=400,
+        per_request_metrics=per_request_metrics,
+    )
+
+
 async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

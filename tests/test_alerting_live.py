@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import serve_loopback, wait_for
+from conftest import serve_loopback, start_vllm, wait_for
 from sidecar.alerting_stack import AlertingStack
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.config import build_settings
 from sidecar.top import fetch_alerts
-from sidecar.vllm_server import REPO, VllmServer, vllm_python
+from sidecar.vllm_server import REPO
 
 # vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -60,13 +59,8 @@ class Receiver:
 
 @pytest.fixture(scope="module")
 def selfdraft_vllm(tmp_path_factory):
-    if not vllm_python().exists():
-        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
-    log = Path(tmp_path_factory.mktemp("vllm")) / "vllm.log"
     model = REPO / "models" / "tiny-target"
-    server = VllmServer(model=model, log_path=log, startup_timeout=400,
-                        speculative={"method": "draft_model", "model": str(model), "num_speculative_tokens": 4})
-    with server:
+    with start_vllm(tmp_path_factory, {"method": "draft_model", "model": str(model), "num_speculative_tokens": 4}) as server:
         yield server
 
 

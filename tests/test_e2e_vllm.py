@@ -11,34 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
-from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import wait_for
+from conftest import start_vllm, wait_for
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
 from sidecar.verdict import decide
 from sidecar.vllm_metrics import read_vllm_metrics
-from sidecar.vllm_server import REPO, VllmServer, draft_model_config, ngram_config, vllm_python
+from sidecar.vllm_server import REPO, draft_model_config, ngram_config
 
 # vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 MODELS = REPO / "models"
-
-
-def start_vllm(tmp_path_factory, speculative: dict, per_request_metrics: bool = True):
-    if not vllm_python().exists():
-        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
-    log = Path(tmp_path_factory.mktemp("vllm")) / "vllm.log"
-    return VllmServer(
-        model=MODELS / "tiny-target", speculative=speculative, log_path=log, startup_timeout=400,
-        per_request_metrics=per_request_metrics,
-    )
 
 
 @pytest.fixture(scope="module", params=["draft_model", "ngram"])
