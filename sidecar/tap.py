@@ -227,6 +227,12 @@ class SseObserver:
         choices = event.get("choices")
         if isinstance(choices, list) and any(_has_content(c) for c in choices):
             self._content(now, outcome)
+        elif outcome.first_token_at is None and isinstance(choices, list) and any(
+            isinstance(c, dict) and c.get("finish_reason") for c in choices
+        ):
+            # The only token was end-of-sequence (no text): it still arrived now, so TTFT is now. Not a
+            # content chunk, so the stream-steps count is untouched.
+            outcome.first_token_at = outcome.last_token_at = now
         for obj in (event, inner):
             if obj is None:
                 continue

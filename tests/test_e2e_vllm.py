@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 
 import aiohttp
@@ -46,6 +47,20 @@ async def vllm_counters(session: aiohttp.ClientSession, url: str) -> dict[str, f
         total["drafted"] += sample.draft_tokens or 0
         total["drafts"] += sample.drafts or 0
     return dict(total)
+
+
+async def settled_counters(session: aiohttp.ClientSession, url: str, timeout: float = 30.0) -> dict[str, float]:
+    """vLLM's counters once they stop moving: its stats logger may count the last step a moment after the
+    last response has gone out, so a read right after the traffic can be short."""
+    deadline = time.monotonic() + timeout
+    previous = await vllm_counters(session, url)
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        current = await vllm_counters(session, url)
+        if current == previous:
+            return current
+        previous = current
+    raise AssertionError("vLLM's counters kept moving with no traffic")
 
 
 def spec_of(body: bytes, stream: bool) -> dict:
@@ -122,7 +137,7 @@ async def test_sidecar_equals_vllm(vllm, aiohttp_client):
 
         mix = requests_mix(48)
         await asyncio.gather(*(send(*m) for m in mix))
-        after = await vllm_counters(session, vllm.url)
+        after = await settled_counters(session, vllm.url)
         polls = monitor.state.scrapes
         await wait_for(lambda: monitor.state.scrapes >= polls + 2, what="polls after the traffic")
 
@@ -194,7 +209,7 @@ async def test_stream_steps_source_without_per_request_metrics(tmp_path_factory,
                 finished_by_length += any(c.get("finish_reason") == "length" for e in events for c in e["choices"])
 
             await asyncio.gather(*(send(i) for i in range(24)))
-            after = await vllm_counters(session, vllm.url)
+            after = await settled_counters(session, vllm.url)
     labels = {"model": "tiny-target", "temperature_bucket": "0", "source": "stream_steps"}
     sidecar_accepted = registry.get_sample_value("specdec_request_accepted_tokens_total", labels)
     assert sidecar_accepted == estimate

@@ -89,3 +89,16 @@ def test_read_request(body, expect):
     info = read_request("completions", body)
     for key, value in expect.items():
         assert getattr(info, key) == value
+
+
+def test_end_of_sequence_only_stream_still_has_a_first_token_time():
+    data = (b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+            b'data: {"choices":[{"index":0,"delta":{"content":""},"finish_reason":"stop"}]}\n\n'
+            b'data: {"choices":[],"usage":{"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+    outcome = Outcome(status=200)
+    observer = SseObserver()
+    for i, event in enumerate([e + b"\n\n" for e in data.split(b"\n\n") if e]):
+        observer.feed(event, float(i + 1), outcome)
+    observer.finish(9.0, outcome)
+    assert outcome.first_token_at == 2.0  # the chunk carrying finish_reason, not the role chunk
+    assert outcome.content_chunks == 0
