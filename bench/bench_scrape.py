@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.derive import advance, derive  # noqa: E402
-from sidecar.vllm_metrics import read_vllm_metrics  # noqa: E402
+from sidecar.upstream.derive import advance, derive  # noqa: E402
+from sidecar.upstream.vllm_metrics import read_vllm_metrics  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32-draft-t3.prom"
 ENGINE_RE = re.compile(r'engine="0"')

@@ -18,12 +18,12 @@ from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import choose_encoder
 
 from sidecar import __version__
-from sidecar.collector import HealthCollector
+from sidecar.export.collector import HealthCollector
 from sidecar.config import Settings
-from sidecar.monitor import Monitor
-from sidecar.proxy import Proxy, create_proxy_app
-from sidecar.request_metrics import ModelNames, RequestMetrics
-from sidecar.scrape import Scraper
+from sidecar.upstream.monitor import Monitor
+from sidecar.tap.proxy import Proxy, create_proxy_app
+from sidecar.tap.metrics import ModelNames, RequestMetrics
+from sidecar.upstream.scrape import Scraper
 
 log = structlog.get_logger("sidecar.app")
 

@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_SETTINGS
         return 0
     if args.command == "top":
-        from sidecar.top import run_top
+        from sidecar.commands.top import run_top
 
         if args.interval <= 0 or args.window <= 0:
             print("specdec-sidecar: --interval and --window must be positive", file=sys.stderr)

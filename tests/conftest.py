@@ -87,7 +87,7 @@ async def fake_vllm():
 
 def start_vllm(tmp_path_factory, speculative: dict, per_request_metrics: bool = True):
     """A real vLLM serving the tiny target (not yet started: use ``with``); fails, never skips, without vLLM."""
-    from sidecar.vllm_server import REPO, VllmServer, vllm_python
+    from devstack.vllm_server import REPO, VllmServer, vllm_python
 
     if not vllm_python().exists():
         pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")

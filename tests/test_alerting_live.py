@@ -18,11 +18,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from conftest import serve_loopback, start_vllm, wait_for
-from sidecar.alerting_stack import AlertingStack
+from devstack.alerting_stack import AlertingStack
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.config import build_settings
-from sidecar.top import fetch_alerts
-from sidecar.vllm_server import REPO
+from sidecar.commands.top import fetch_alerts
+from devstack.vllm_server import REPO
 
 # vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar.derive import advance, base_point, derive
-from sidecar.verdict import Verdict, decide
-from sidecar.vllm_metrics import EngineSample, VllmSnapshot
+from sidecar.upstream.derive import advance, base_point, derive
+from sidecar.decision import Verdict, decide
+from sidecar.upstream.vllm_metrics import EngineSample, VllmSnapshot
 
 
 def snap(**engines: dict) -> VllmSnapshot:

@@ -21,9 +21,9 @@ from conftest import start_vllm, wait_for
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
-from sidecar.verdict import decide
-from sidecar.vllm_metrics import read_vllm_metrics
-from sidecar.vllm_server import REPO, draft_model_config, ngram_config
+from sidecar.decision import decide
+from sidecar.upstream.vllm_metrics import read_vllm_metrics
+from devstack.vllm_server import REPO, draft_model_config, ngram_config
 
 # vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]

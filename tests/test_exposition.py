@@ -5,7 +5,7 @@ import math
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.exposition import parse, parse_value
+from sidecar.upstream.exposition import parse, parse_value
 
 WANTED = {"vllm:a_total", "vllm:g", "vllm:info"}
 

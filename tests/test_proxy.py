@@ -137,7 +137,7 @@ async def test_client_disconnect_closes_upstream(proxy, upstream):
 
 
 async def test_upstream_unreachable_is_a_502_with_openai_error(aiohttp_client):
-    from sidecar.vllm_server import free_port
+    from devstack.vllm_server import free_port
 
     settings = build_settings(upstream=f"http://127.0.0.1:{free_port()}", proxy_port=0, proxy_host="127.0.0.1",
                               scrape_interval="1s", scrape_timeout="1s", windows="1m", verdict_window="1m")
@@ -225,7 +225,7 @@ async def test_expect_100_continue_is_answered_and_not_repeated_upstream(proxy, 
 def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers():
     from multidict import CIMultiDict
 
-    from sidecar.proxy import REQUEST_ONLY_DROP, end_to_end
+    from sidecar.tap.proxy import REQUEST_ONLY_DROP, end_to_end
 
     headers = CIMultiDict([("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"),
                            ("Transfer-Encoding", "chunked"), ("Content-Length", "3"), ("X-Keep", "a"),

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from sidecar.collector import HealthCollector
+from sidecar.export.collector import HealthCollector
 from sidecar.config import Settings, build_settings
-from sidecar.derive import advance, derive
-from sidecar.monitor import MonitorState, OwnMetrics
-from sidecar.vllm_metrics import read_vllm_metrics
+from sidecar.upstream.derive import advance, derive
+from sidecar.upstream.monitor import MonitorState, OwnMetrics
+from sidecar.upstream.vllm_metrics import read_vllm_metrics
 from conftest import fixture_text
 
 README = (Path(__file__).parent.parent / "README.md").read_text()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar.verdict import DEFAULT_BREAK_EVEN, DEFAULT_NEAR_UPPER
+from sidecar.decision import DEFAULT_BREAK_EVEN, DEFAULT_NEAR_UPPER
 
 ROOT = Path(__file__).parent.parent
 ALERTS = ROOT / "alerts" / "alerts.yaml"

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import FakeVllm, fixture_text, wait_for
 from sidecar.app import MONITOR, create_app
 from sidecar.config import build_settings
-from sidecar.vllm_metrics import read_vllm_metrics
+from sidecar.upstream.vllm_metrics import read_vllm_metrics
 
 SERIES = ["vllm-0.32-draft-t0.prom", "vllm-0.32-draft-t1.prom", "vllm-0.32-draft-t2.prom", "vllm-0.32-draft-t3.prom"]
 

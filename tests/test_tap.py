@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import FIXTURES
-from sidecar.tap import BodyObserver, Outcome, SseObserver, read_request
+from sidecar.tap.observe import BodyObserver, Outcome, SseObserver, read_request
 
 
 def feed_all(observer, data: bytes, sizes=(7, 64, 1, 300)) -> Outcome:

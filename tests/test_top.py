@@ -9,9 +9,9 @@ from rich.console import Console
 
 from conftest import FIXTURES, wait_for
 from sidecar.app import MONITOR
-from sidecar.exposition import parse
-from sidecar.quantiles import histogram_quantile
-from sidecar.top import WANTED, build_view, render
+from sidecar.upstream.exposition import parse
+from sidecar.decision import histogram_quantile
+from sidecar.commands.top import WANTED, build_view, render
 
 
 def test_histogram_quantile_matches_promql_interpolation():

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from conftest import fixture_text
-from sidecar.vllm_metrics import read_vllm_metrics
+from sidecar.upstream.vllm_metrics import read_vllm_metrics
 
 
 def test_real_v1_capture():

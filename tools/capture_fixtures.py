@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.vllm_server import (  # noqa: E402
+from devstack.vllm_server import (  # noqa: E402
     DEFAULT_MODELS,
     VllmServer,
     draft_model_config,

@@ -24,9 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sidecar.alerting_stack import AlertingStack  # noqa: E402
-from sidecar.top import run_top  # noqa: E402
-from sidecar.vllm_server import VllmServer, draft_model_config, free_port  # noqa: E402
+from devstack.alerting_stack import AlertingStack  # noqa: E402
+from sidecar.commands.top import run_top  # noqa: E402
+from devstack.vllm_server import VllmServer, draft_model_config, free_port  # noqa: E402
 
 TEMPERATURES = [0.0, 0.2, 0.5, 0.8, 1.0, None]
 PROMPTS = ["import os\n", "def main(", "class Config:\n", "for line in ", "    return self.", "from typing import "]

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sidecar.buckets import TemperatureBuckets
-from sidecar.derive import base_point, trim_history
-from sidecar.tap import Outcome, RequestInfo
+from sidecar.upstream.derive import base_point, trim_history
+from sidecar.tap.observe import Outcome, RequestInfo
 
 OTHER_MODEL = "other"
 UNKNOWN_MODEL = "unknown"

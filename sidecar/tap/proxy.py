@@ -20,7 +20,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.tap import (
+from sidecar.tap.observe import (
     OBSERVED_PATHS,
     BodyObserver,
     Outcome,
@@ -29,7 +29,7 @@ from sidecar.tap import (
     read_request,
 )
 
-log = structlog.get_logger("sidecar.proxy")
+log = structlog.get_logger("sidecar.tap.proxy")
 
 HOP_BY_HOP = frozenset(
     h.lower()

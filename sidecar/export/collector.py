@@ -21,10 +21,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import Settings, format_duration
-from sidecar.derive import GroupHealth, WindowStats, clamped_ratio
-from sidecar.monitor import MonitorState
-from sidecar.request_metrics import RequestMetrics
-from sidecar.verdict import VERDICTS, decide
+from sidecar.decision import clamped_ratio
+from sidecar.upstream.derive import GroupHealth, WindowStats
+from sidecar.upstream.monitor import MonitorState
+from sidecar.tap.metrics import RequestMetrics
+from sidecar.decision import VERDICTS, decide
 
 # (suffix, help, getter) for per-window values; rendered for models and, with an engine label, engines.
 WINDOWED: tuple[tuple[str, str, Callable[[WindowStats], float | None]], ...] = (

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from sidecar.vllm_metrics import VllmSnapshot, read_vllm_metrics
+from sidecar.upstream.vllm_metrics import VllmSnapshot, read_vllm_metrics
 
 MAX_BODY_BYTES = 64 * 1024 * 1024
 

@@ -16,7 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.vllm_server import REPO, free_port
+from devstack.vllm_server import REPO, free_port
 
 ALERTS_DIR = REPO / "alerts"
 

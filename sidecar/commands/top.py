@@ -20,8 +20,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sidecar.exposition import Sample, parse
-from sidecar.quantiles import histogram_quantile
+from sidecar.upstream.exposition import Sample, parse
+from sidecar.decision import histogram_quantile
 
 WANTED = frozenset(
     {

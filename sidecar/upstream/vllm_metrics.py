@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from sidecar.exposition import Exposition, parse
+from sidecar.upstream.exposition import Exposition, parse
 
 # Sample name -> EngineSample field for plain (non-positional) values.
 COUNTERS = {

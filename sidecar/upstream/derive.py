@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
-from sidecar.verdict import Verdict, decide
-from sidecar.vllm_metrics import COUNTERS, EngineSample, SeriesKey, VllmSnapshot
+from sidecar.decision import Verdict, clamped_ratio, decide
+from sidecar.upstream.vllm_metrics import COUNTERS, EngineSample, SeriesKey, VllmSnapshot
 
 COUNTER_FIELDS: tuple[str, ...] = tuple(COUNTERS.values())
 _EMPTY: Mapping[int, float] = MappingProxyType({})
@@ -97,11 +97,6 @@ def trim_history(points: deque[T], now: float, keep: float) -> None:
     """Drop points no window of length *keep* can start from, keeping the newest one at least that old."""
     while len(points) > 2 and points[1].t <= now - keep:
         points.popleft()
-
-
-def clamped_ratio(numerator: float, denominator: float) -> float:
-    """numerator / denominator held to 0..1: counters read a moment apart must not yield 1.02 or -0.01."""
-    return min(1.0, max(0.0, numerator / denominator))
 
 
 @dataclass(frozen=True, slots=True)

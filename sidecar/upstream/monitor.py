@@ -17,10 +17,10 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.config import Settings
-from sidecar.derive import Health, Point, advance, derive, trim_history
-from sidecar.scrape import ScrapeError, ScrapeResult, Scraper
+from sidecar.upstream.derive import Health, Point, advance, derive, trim_history
+from sidecar.upstream.scrape import ScrapeError, ScrapeResult, Scraper
 
-log = structlog.get_logger("sidecar.monitor")
+log = structlog.get_logger("sidecar.upstream.monitor")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,1 @@
+"""User-facing commands other than ``serve``: ``top`` (and the planning and measuring tools)."""

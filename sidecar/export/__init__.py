@@ -1,0 +1,1 @@
+"""Rendering for Prometheus: collectors that turn immutable snapshots into metric families."""

@@ -1,0 +1,1 @@
+"""Reading vLLM: fetch /metrics, parse the text format, map vLLM's names, poll on a clock, derive windows."""
