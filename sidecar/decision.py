@@ -85,3 +85,102 @@ def histogram_quantile(q: float, buckets: Sequence[tuple[float, float]]) -> floa
             return lower + (le - lower) * (rank - previous_count) / width
         previous_le, previous_count = le, count
     return fixed[-2][0] if len(fixed) > 1 else None
+
+
+# --- The break-even model (Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers via
+# Speculative Decoding", section 3) ---------------------------------------------------------------------
+#
+# With k draft tokens per step, each accepted independently with probability alpha, one target forward pass
+# yields on average E(alpha, k) = (1 - alpha^(k+1)) / (1 - alpha) tokens. If one draft token costs c target
+# forward passes, a step costs k*c + 1 of them, so the speed-up over plain decoding is E / (k*c + 1).
+# Speculation breaks even where E(alpha, k) = k*c + 1. Since vLLM's acceptance rate is accepted / drafted =
+# (E - 1) / k, the break-even *acceptance rate* is simply c: a draft token must be accepted at least as often
+# as it costs. ``measure`` fits c per load level from paired runs, so the sidecar's fixed rule-of-thumb
+# threshold (DEFAULT_BREAK_EVEN) can be checked against the measured one for a given draft and load.
+
+
+def expected_tokens_per_step(alpha: float, k: int) -> float:
+    """(1 - alpha^(k+1)) / (1 - alpha): tokens one target forward pass yields; k + 1 at alpha = 1."""
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    alpha = min(1.0, max(0.0, alpha))
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def speculative_speedup(alpha: float, k: int, c: float) -> float:
+    """Expected wall-time speed-up over no speculation: E(alpha, k) / (k*c + 1). k = 0 gives 1."""
+    return expected_tokens_per_step(alpha, k) / (k * c + 1.0)
+
+
+def alpha_from_mean_acceptance_length(mean_length: float, k: int) -> float:
+    """The alpha whose E(alpha, k) equals a measured mean acceptance length (1 + accepted / steps)."""
+    if k <= 0:
+        raise ValueError("k must be >= 1")
+    return _solve_alpha(mean_length, k)
+
+
+def break_even_alpha(c: float, k: int) -> float | None:
+    """The alpha at which speculation neither helps nor hurts: E(alpha, k) = k*c + 1.
+
+    0 when drafts cost nothing (c <= 0); ``None`` when no alpha can pay for them (c >= 1: even a draft that
+    is always accepted costs as much as the target pass it replaces).
+    """
+    if k <= 0:
+        raise ValueError("k must be >= 1")
+    if c <= 0:
+        return 0.0
+    if c >= 1:
+        return None
+    return _solve_alpha(k * c + 1.0, k)
+
+
+def break_even_acceptance_rate(c: float) -> float | None:
+    """The same break-even point as vLLM's acceptance rate (accepted / drafted): c itself, within 0..1."""
+    if c >= 1:
+        return None
+    return max(0.0, c)
+
+
+def _solve_alpha(tokens_per_step: float, k: int) -> float:
+    """Invert E(., k) on 0..1 by bisection (E is increasing in alpha); clamps to the ends."""
+    if tokens_per_step <= 1.0:
+        return 0.0
+    if tokens_per_step >= k + 1:
+        return 1.0
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        if expected_tokens_per_step(mid, k) < tokens_per_step:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def fit_draft_cost(cells: Sequence[tuple[float, float]], k: int) -> float | None:
+    """Least-squares c from measured cells ``(tokens_per_step E, speed-up S)`` at one load level.
+
+    The model says S = E * u with u = 1 / (k*c + 1); u minimising sum (S - E*u)^2 is sum(S*E) / sum(E^2),
+    so c = (1/u - 1) / k. ``None`` without usable cells or when the fit is degenerate (u <= 0).
+    """
+    if k <= 0:
+        raise ValueError("k must be >= 1")
+    usable = [(e, s) for e, s in cells if math.isfinite(e) and math.isfinite(s) and e > 0 and s > 0]
+    if not usable:
+        return None
+    u = sum(s * e for e, s in usable) / sum(e * e for e, _ in usable)
+    if u <= 0:
+        return None
+    return (1.0 / u - 1.0) / k
+
+
+def best_num_speculative_tokens(alpha: float, c: float, k_max: int) -> int:
+    """The k in 0..k_max with the highest modelled speed-up (0 = speculation off); ties go to the smaller k."""
+    best_k, best = 0, 1.0
+    for k in range(1, k_max + 1):
+        s = speculative_speedup(alpha, k, c)
+        if s > best + 1e-9:
+            best_k, best = k, s
+    return best_k
