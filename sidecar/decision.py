@@ -43,6 +43,22 @@ def decide(
     return Verdict.USE
 
 
+def enough_drafts(steps: float | None, min_drafts: float) -> bool:
+    """Whether a window holds enough draft steps to judge acceptance at all."""
+    return steps is not None and steps > 0 and steps >= min_drafts
+
+
+def window_acceptance(
+    accepted: float | None, drafted: float | None, steps: float | None, min_drafts: float
+) -> float | None:
+    """Acceptance over a window (accepted / drafted tokens), or ``None`` below ``min_drafts`` draft steps:
+    the one gate every acceptance figure and verdict passes, per model (from vLLM's counters) and per
+    temperature bucket (from the tap). ``None`` means absent, never 0."""
+    if accepted is None or not drafted or not enough_drafts(steps, min_drafts):
+        return None
+    return clamped_ratio(accepted, drafted)
+
+
 def clamped_ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator held to 0..1: counters read a moment apart must not yield 1.02 or -0.01."""
     return min(1.0, max(0.0, numerator / denominator))
@@ -184,3 +200,18 @@ def best_num_speculative_tokens(alpha: float, c: float, k_max: int) -> int:
         if s > best + 1e-9:
             best_k, best = k, s
     return best_k
+
+
+def sample_quantile(q: float, values: Sequence[float]) -> float | None:
+    """Quantile of raw observations, linearly interpolated between order statistics (numpy's default).
+
+    For figures computed from every observation (``measure``); ``histogram_quantile`` is for bucketed ones.
+    ``None`` without observations.
+    """
+    if not values or not 0.0 <= q <= 1.0:
+        return None
+    ordered = sorted(values)
+    position = q * (len(ordered) - 1)
+    lower = math.floor(position)
+    upper = min(lower + 1, len(ordered) - 1)
+    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
