@@ -215,3 +215,20 @@ def sample_quantile(q: float, values: Sequence[float]) -> float | None:
     lower = math.floor(position)
     upper = min(lower + 1, len(ordered) - 1)
     return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
+
+
+# Sizing a draft model (``plan``). A draft much smaller than 1/12 of the target rarely predicts it well enough;
+# one larger than 1/8 costs too much per step for what it saves. A draft whose weights and KV pages take more
+# than 15% of the memory vLLM uses is taking capacity (concurrent requests) the target would otherwise have.
+DRAFT_SIZE_RATIO_SWEET_SPOT = (8.0, 12.0)
+DRAFT_VRAM_SHARE_WARN = 0.15
+
+
+def draft_size_advice(size_ratio: float) -> str:
+    """``too_large`` below 1:8 (target/draft < 8), ``too_small`` above 1:12, else ``sweet_spot``."""
+    low, high = DRAFT_SIZE_RATIO_SWEET_SPOT
+    if size_ratio < low:
+        return "too_large"
+    if size_ratio > high:
+        return "too_small"
+    return "sweet_spot"
