@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds of history the distributions cover (default 60)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--alertmanager", help="also show firing SpecDecode alerts from this Alertmanager URL")
+    from sidecar.commands.plan import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -128,5 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("specdec-sidecar: --interval and --window must be positive", file=sys.stderr)
             return EXIT_BAD_SETTINGS
         return run_top(args.url, args.interval, args.window, args.once, alertmanager=args.alertmanager)
+    if args.command == "plan":
+        from sidecar.commands.plan import run_plan
+
+        return run_plan(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_BAD_SETTINGS

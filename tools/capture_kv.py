@@ -1,0 +1,92 @@
+"""Record what a real vLLM says about its KV cache, for `plan`'s exactness tests.
+
+    .venv/bin/python tools/capture_kv.py --out tests/fixtures/plan
+
+Starts vLLM (CPU build) on the tiny pair under ``models/`` once per case below, one server at a time, with
+and without draft-model speculation, and saves the whole /metrics page of each idle server. The test reads
+``vllm:cache_config_info`` (``kv_cache_memory_bytes``, ``block_size``, ``num_gpu_blocks``,
+``kv_cache_size_tokens``, ``kv_cache_max_concurrency``) from those pages. ``MANIFEST.json`` records, per
+page, the exact server flags and environment that produced it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from devstack.vllm_server import DEFAULT_MODELS, VllmServer, draft_model_config, get_text  # noqa: E402
+
+
+@dataclass
+class KvServer(VllmServer):
+    """A VllmServer that can drop ``VLLM_CPU_KVCACHE_SPACE`` so ``--kv-cache-memory-bytes`` takes effect.
+
+    vLLM's CPU platform replaces ``--kv-cache-memory-bytes`` with ``VLLM_CPU_KVCACHE_SPACE`` GiB whenever that
+    variable is set, and the launcher always sets it.
+    """
+
+    unset_kvcache_space: bool = False
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        return ["env", "-u", "VLLM_CPU_KVCACHE_SPACE", *cmd] if self.unset_kvcache_space else cmd
+
+
+# name -> (speculative?, extra vLLM flags, drop VLLM_CPU_KVCACHE_SPACE?)
+CASES: dict[str, tuple[bool, list[str], bool]] = {
+    "fp32-1gib-draft": (True, [], False),
+    "fp32-1gib-nospec": (False, [], False),
+    "fp32-odd-draft": (True, ["--kv-cache-memory-bytes", "50000000", "--block-size", "32",
+                              "--max-model-len", "500"], True),
+    "fp32-odd-nospec": (False, ["--kv-cache-memory-bytes", "50000000", "--block-size", "32",
+                                "--max-model-len", "500"], True),
+    "bf16-1gib-draft": (True, ["--dtype", "bfloat16"], False),
+    "bf16-1gib-nospec": (False, ["--dtype", "bfloat16"], False),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("tests/fixtures/plan"))
+    parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
+    parser.add_argument("--log", type=Path, default=Path(".cache/capture-kv.log"))
+    parser.add_argument("--only", help="comma-separated case names (default: all)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    manifest_path = args.out / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"files": {}}
+    names = args.only.split(",") if args.only else list(CASES)
+    for name in names:
+        speculative, extra, unset = CASES[name]
+        spec = draft_model_config(args.models / "tiny-draft") if speculative else None
+        server = KvServer(model=args.models / "tiny-target", speculative=spec, extra_args=extra,
+                          unset_kvcache_space=unset, log_path=args.log, startup_timeout=600)
+        with server:
+            version = json.loads(get_text(server.url + "/version"))["version"]
+            page = get_text(server.url + "/metrics")
+        filename = f"vllm-0.32-{name}.prom"
+        (args.out / filename).write_text(page)
+        flags = server.command()
+        flags = flags[flags.index("-m") + 1:]
+        manifest["vllm_version"] = version
+        manifest["files"][filename] = {
+            "what": "/metrics of an idle vLLM right after start-up (nothing was sent)",
+            "target": "models/tiny-target",
+            "speculative_config": ({**spec, "model": "models/tiny-draft"} if spec else None),
+            "vllm_args": [a if not a.startswith(str(args.models)) else "models/" + Path(a).name for a in flags
+                          if not a.startswith("{")],
+            "env": {"VLLM_CPU_KVCACHE_SPACE": None if unset else "1"},
+        }
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"saved {filename}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
