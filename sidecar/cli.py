@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds of history the distributions cover (default 60)")
     top.add_argument("--once", action="store_true", help="print one frame and exit")
     top.add_argument("--alertmanager", help="also show firing SpecDecode alerts from this Alertmanager URL")
+    from sidecar.commands.measure import add_arguments as add_measure_arguments
+
+    add_measure_arguments(sub.add_parser(
+        "measure", help="paired benchmark: speculative vs baseline server per temperature and concurrency"))
     from sidecar.commands.plan import add_parser as add_plan_parser
 
     add_plan_parser(sub)
@@ -131,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("specdec-sidecar: --interval and --window must be positive", file=sys.stderr)
             return EXIT_BAD_SETTINGS
         return run_top(args.url, args.interval, args.window, args.once, alertmanager=args.alertmanager)
+    if args.command == "measure":
+        from sidecar.commands.measure import run_measure
+
+        return run_measure(args)
     if args.command == "plan":
         from sidecar.commands.plan import run_plan
 
