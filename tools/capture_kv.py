@@ -7,19 +7,45 @@ and without draft-model speculation, and saves the whole /metrics page of each i
 ``vllm:cache_config_info`` (``kv_cache_memory_bytes``, ``block_size``, ``num_gpu_blocks``,
 ``kv_cache_size_tokens``, ``kv_cache_max_concurrency``) from those pages. ``MANIFEST.json`` records, per
 page, the exact server flags and environment that produced it.
+
+    .venv/bin/python tools/capture_kv.py --param-counts tests/fixtures/plan/configs
+
+instead counts the parameters of every ``*/config.json`` under that directory with ``transformers`` (from
+vLLM's virtualenv, models built on the ``meta`` device: no weights are downloaded or allocated) and writes
+``PARAM_COUNTS.json`` there, the reference `plan`'s own counting is tested against.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devstack.vllm_server import DEFAULT_MODELS, VllmServer, draft_model_config, get_text  # noqa: E402
+from devstack.vllm_server import (  # noqa: E402
+    DEFAULT_MODELS,
+    VllmServer,
+    draft_model_config,
+    get_text,
+    vllm_python,
+)
+
+COUNT_PARAMS = """
+import json, sys, pathlib, torch, transformers
+out = {"transformers_version": transformers.__version__, "counts": {}}
+for config_path in sorted(pathlib.Path(sys.argv[1]).glob("*/config.json")):
+    config = transformers.AutoConfig.from_pretrained(config_path.parent)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    out["counts"][config_path.parent.name] = {
+        "class": type(model).__name__, "params": sum(p.numel() for p in model.parameters())}
+print(json.dumps(out, indent=2))
+"""
 
 
 @dataclass
@@ -56,7 +82,15 @@ def main() -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--log", type=Path, default=Path(".cache/capture-kv.log"))
     parser.add_argument("--only", help="comma-separated case names (default: all)")
+    parser.add_argument("--param-counts", type=Path, metavar="DIR",
+                        help="count parameters of DIR/*/config.json with transformers instead")
     args = parser.parse_args()
+    if args.param_counts:
+        counted = subprocess.run([str(vllm_python()), "-c", COUNT_PARAMS, str(args.param_counts)], check=True,
+                                 capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        (args.param_counts / "PARAM_COUNTS.json").write_text(counted.stdout)
+        print(counted.stdout)
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     manifest_path = args.out / "MANIFEST.json"
