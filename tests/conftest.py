@@ -78,6 +78,18 @@ class FakeVllm:
 
 
 @pytest.fixture
+async def hostile_vllm():
+    """A production-like upstream (see tests/hostile.py): 300 KB+ page in many writes, gzip, 1 s keep-alive,
+    API key ``sk-hostile`` on /v1/*."""
+    from hostile import HostileVllm
+
+    server = HostileVllm(keepalive=1.0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
 async def fake_vllm():
     server = FakeVllm()
     await server.start()

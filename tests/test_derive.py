@@ -222,8 +222,8 @@ def test_rates_stay_in_range_and_throughput_non_negative(data):
                     assert rate is None or rate >= 0.0
                 for delta in (w.drafts, w.draft_tokens, w.accepted_tokens, w.generation_tokens):
                     assert delta is None or delta >= 0.0
-        for key, totals in points[-1].totals.items():
-            assert all(v >= 0 for v in totals.values())
+        for engine in points[-1].engines.values():
+            assert all(v >= 0 for v in (*engine.totals.named.values(), *engine.totals.positions.values()))
 
 
 @given(st.lists(st.integers(0, 1000), min_size=2, max_size=30), st.integers(1, 29))
@@ -242,3 +242,92 @@ def test_monotone_history_window_delta_is_exact(increments, reset_at):
     points = history(*snaps)
     w = run(points, windows=(1e6,)).models["m"].windows[1e6]
     assert w.draft_tokens == truth
+
+
+# --- gaps: a counter or an engine missing from a poll is not a restart ----------------------------------
+
+
+def test_counter_missing_from_one_poll_keeps_acceptance_and_verdict():
+    full = c(100, 400, 300, 1000, pos=[90, 80, 70, 60])
+    lacking = {k: v for k, v in c(150, 600, 450, 1500, pos=[135, 120, 105, 90]).items() if k != "accepted_tokens"}
+    points = history(
+        snap(**{"m/0": full}),
+        snap(**{"m/0": lacking}),  # accepted_tokens missing from this page only
+        snap(**{"m/0": c(200, 800, 600, 2000, pos=[180, 160, 140, 120])}),
+    )
+    assert points[1].resets == 0 and points[2].resets == 0
+    health = run(points, windows=(10.0,))
+    w = health.models["m"].windows[10.0]
+    assert w.acceptance_rate == pytest.approx(300 / 400)
+    assert health.verdicts["m"] is Verdict.USE
+    # The re-exported total is what vLLM really counted since the first poll.
+    assert health.totals["m"].named["accepted_tokens"] == 300
+    # The poll that lacked a counter is held back whole: no ratio mixes a fresh count with a stale one.
+    mid = run(points[:2], windows=(10.0,))
+    assert mid.totals["m"].named == {"drafts": 0, "draft_tokens": 0, "accepted_tokens": 0, "generation_tokens": 0}
+    assert mid.models["m"].windows[10.0].acceptance_rate is None  # nothing new to judge, never a 0
+
+
+def test_counter_gone_for_good_does_not_freeze_the_engine():
+    polls = [c(100, 400, 300, 1000)] + [
+        {"drafts": 100 + 10 * i, "draft_tokens": 400 + 40 * i, "generation_tokens": 1000 + 100 * i} for i in range(1, 7)
+    ]
+    points = history(*(snap(**{"m/0": p}) for p in polls))
+    totals = run(points, windows=(1e6,)).totals["m"].named
+    assert totals["accepted_tokens"] == 0  # carried, never lowered
+    # Three polls were held back, then the engine moved on without the lost counter; nothing was lost.
+    assert totals["draft_tokens"] == 240
+    assert [e.gap_polls for p in points for e in p.engines.values()] == [0, 1, 2, 3, 3, 3, 3]
+
+
+def test_engine_missing_from_a_poll_never_lowers_model_totals():
+    points = history(
+        snap(**{"m/0": c(100, 400, 200, 1000), "m/1": c(100, 400, 200, 1000)}),
+        snap(**{"m/0": c(200, 800, 400, 2000), "m/1": c(200, 800, 400, 2000)}),
+        snap(**{"m/0": c(300, 1200, 600, 3000)}),  # engine 1 vanished from this page
+        snap(**{"m/0": c(400, 1600, 800, 4000), "m/1": c(300, 1200, 600, 3000)}),  # back, still counting
+    )
+    seen = []
+    for i in range(1, len(points) + 1):
+        health = run(points[:i], windows=(100.0,))
+        seen.append(health.totals["m"].named["accepted_tokens"])
+        if i == 3:
+            assert set(health.engines) == {("m", "0")}  # no per-engine series for the vanished engine
+    assert seen == sorted(seen)
+    assert seen[-1] == (800 - 200) + (600 - 200)
+    assert all(p.resets == 0 for p in points)
+
+
+def test_real_restart_after_a_gap_is_still_a_restart():
+    points = history(
+        snap(**{"m/0": c(100, 400, 200, 1000)}),
+        snap(**{"m/0": {"drafts": 150, "draft_tokens": 600, "generation_tokens": 1500}}),
+        snap(**{"m/0": c(10, 40, 20, 100)}),  # vLLM restarted meanwhile
+    )
+    assert points[2].resets == 1
+    health = run(points, windows=(100.0,))
+    assert health.totals["m"].named["accepted_tokens"] == 20
+    assert health.totals["m"].named["draft_tokens"] == 200 + 40
+
+
+@given(st.lists(st.tuples(st.integers(0, 50), st.booleans(), st.booleans()), min_size=2, max_size=25))
+@settings(max_examples=200, deadline=None)
+def test_totals_never_go_down_with_random_gaps(steps):
+    raw, first, snaps = 0, None, []
+    for inc, drop_counter, drop_engine in steps:
+        raw += inc
+        engines = {"m/1": c(raw, raw, raw, raw)}
+        if not drop_engine:
+            fields = c(raw, raw, raw, raw)
+            if drop_counter:
+                del fields["accepted_tokens"]
+            engines["m/0"] = fields
+        snaps.append(snap(**engines))
+    points = history(*snaps)
+    previous = {}
+    for i in range(1, len(points) + 1):
+        totals = run(points[:i], windows=(1e6,)).totals["m"].named
+        for name, value in totals.items():
+            assert value >= previous.get(name, 0.0), name
+        previous = dict(totals)
+    assert all(p.resets == 0 for p in points)

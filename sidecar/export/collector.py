@@ -15,17 +15,15 @@ vanish instead of freezing at old values. Example output::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import Settings, format_duration
-from sidecar.decision import clamped_ratio
-from sidecar.upstream.derive import GroupHealth, WindowStats
+from sidecar.decision import VERDICTS
+from sidecar.upstream.derive import BucketHealth, Counts, GroupHealth, WindowStats
 from sidecar.upstream.monitor import MonitorState
-from sidecar.tap.metrics import RequestMetrics
-from sidecar.decision import VERDICTS, decide
 
 # (suffix, help, getter) for per-window values; rendered for models and, with an engine label, engines.
 WINDOWED: tuple[tuple[str, str, Callable[[WindowStats], float | None]], ...] = (
@@ -81,15 +79,9 @@ POLL_NOTE = "Derived from the sidecar's own poll of vLLM /metrics every {interva
 class HealthCollector(Collector):
     """Yields fresh families from ``get_state()`` each time Prometheus (or a test) collects."""
 
-    def __init__(
-        self,
-        get_state: Callable[[], MonitorState],
-        settings: Settings,
-        requests: RequestMetrics | None = None,
-    ) -> None:
+    def __init__(self, get_state: Callable[[], MonitorState], settings: Settings) -> None:
         self._get_state = get_state
         self._settings = settings
-        self._requests = requests
         self._note = " " + POLL_NOTE.format(interval=format_duration(settings.scrape_interval))
 
     def describe(self) -> list:  # families vary with the upstream; skip the registration-time collect
@@ -102,16 +94,14 @@ class HealthCollector(Collector):
         )
         up.add_metric([], 1.0 if state.up else 0.0)
         yield up
-        if self._requests is not None:
-            yield from self._buckets(self._requests)
+        yield from self._buckets(state.buckets)
         if not state.up or state.health is None:
             return
         yield from self._render(state)
 
-    def _buckets(self, requests: RequestMetrics) -> Iterator[GaugeMetricFamily]:
-        """Acceptance and verdict per (model, temperature bucket) from the tap's per-request numbers."""
+    def _buckets(self, buckets: BucketHealth | None) -> Iterator[GaugeMetricFamily]:
+        """Acceptance and verdict per (model, temperature bucket), as judged from the tap's numbers."""
         s = self._settings
-        tolerance = s.scrape_interval / 2
         rate = GaugeMetricFamily(
             "specdec_bucket_acceptance_rate",
             "Accepted / drafted tokens per temperature bucket over the window, summed over the requests vLLM "
@@ -124,17 +114,13 @@ class HealthCollector(Collector):
             "(StateSet: 1 for the current state), same thresholds as specdec_verdict.",
             labels=["model", "temperature_bucket", "verdict"],
         )
-        for window in s.windows:
-            deltas = requests.bucket_deltas(window, tolerance)
-            for (model, bucket), totals in sorted(deltas.items()):
-                enough = totals.steps >= s.min_drafts and totals.drafted > 0
-                value = clamped_ratio(totals.accepted, totals.drafted) if enough else None
-                if value is not None:
+        if buckets is not None:
+            for window, rates in sorted(buckets.acceptance.items()):
+                for (model, bucket), value in sorted(rates.items()):
                     rate.add_metric([model, bucket, format_duration(window)], value)
-                if window == s.verdict_window:
-                    current = decide(value, s.break_even, s.near_break_even_upper)
-                    for state_name in VERDICTS:
-                        verdict.add_metric([model, bucket, state_name.value], 1.0 if state_name is current else 0.0)
+            for (model, bucket), current in sorted(buckets.verdicts.items()):
+                for state_name in VERDICTS:
+                    verdict.add_metric([model, bucket, state_name.value], 1.0 if state_name is current else 0.0)
         yield rate
         yield verdict
 
@@ -229,26 +215,25 @@ class HealthCollector(Collector):
         yield upstream_eff
 
     @staticmethod
-    def _counters(totals) -> Iterator[CounterMetricFamily]:
+    def _counters(totals: Mapping[str, Counts]) -> Iterator[CounterMetricFamily]:
         """vLLM's counters per model, summed over engines, counted since the sidecar started and carried
         across vLLM restarts: what fleet-level recording rules ``rate()`` and add up token-weighted."""
         note = (" Summed over engines; counted from the sidecar's start and carried across vLLM restarts "
                 "(reset-adjusted), so rate() over it is safe.")
         for field, name, text in COUNTER_EXPORTS:
             family = CounterMetricFamily(name, text + note, labels=["model"])
-            for model, values in sorted(totals.items()):
-                if field in values:
-                    family.add_metric([model], values[field])
+            for model, counts in sorted(totals.items()):
+                if field in counts.named:
+                    family.add_metric([model], counts.named[field])
             yield family
         positions = CounterMetricFamily(
             "specdec_accepted_tokens_per_position",
             "vLLM's vllm:spec_decode_num_accepted_tokens_per_pos_total per model." + note,
             labels=["model", "position"],
         )
-        for model, values in sorted(totals.items()):
-            for key, value in sorted(values.items()):
-                if key.startswith("pos:"):
-                    positions.add_metric([model, key[4:]], value)
+        for model, counts in sorted(totals.items()):
+            for position, value in sorted(counts.positions.items()):
+                positions.add_metric([model, str(position)], value)
         yield positions
 
     def _pressure(

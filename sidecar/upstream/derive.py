@@ -4,6 +4,10 @@ Counters are turned into *reset-adjusted totals* as each scrape arrives (``advan
 (model, engine) goes down, vLLM restarted, and every counter of that engine counts from zero again (the
 increase across the restart is the new value, as Prometheus's ``increase()`` does). Window deltas are then
 plain subtractions of adjusted totals, so a restart never yields a negative or spiking value.
+
+A counter (or a whole engine) missing from one poll is not a restart: its last raw value and its total are
+carried until it comes back, and only a value that really went down counts as one. Totals per model add up
+every engine ever seen, so an engine that disappears never makes a model's totals go down.
 """
 
 from __future__ import annotations
@@ -14,57 +18,138 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
-from sidecar.decision import Verdict, clamped_ratio, decide
+from sidecar.decision import Verdict, clamped_ratio, decide, enough_drafts, window_acceptance
 from sidecar.upstream.vllm_metrics import COUNTERS, EngineSample, SeriesKey, VllmSnapshot
 
 COUNTER_FIELDS: tuple[str, ...] = tuple(COUNTERS.values())
-_EMPTY: Mapping[int, float] = MappingProxyType({})
+_EMPTY: Mapping = MappingProxyType({})
 
 
-def _counter_values(sample: EngineSample) -> dict[str, float]:
-    values = {name: v for name in COUNTER_FIELDS if (v := sample.counter(name)) is not None}
-    for position, v in sample.accepted_per_position.items():
-        values[f"pos:{position}"] = v
-    return values
+@dataclass(frozen=True, slots=True)
+class Counts:
+    """Counter values of one (model, engine), or summed over a model's engines: vLLM's named counters
+    (``COUNTER_FIELDS``) and the accepted tokens per speculative position. Raw readings and reset-adjusted
+    totals both use it."""
+
+    named: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
+    positions: Mapping[int, float] = field(default_factory=lambda: _EMPTY)
+
+    @classmethod
+    def of(cls, sample: EngineSample) -> Counts:
+        named = {name: v for name in COUNTER_FIELDS if (v := sample.counter(name)) is not None}
+        return cls(MappingProxyType(named), MappingProxyType(dict(sample.accepted_per_position)))
+
+    def went_down(self, before: Counts) -> bool:
+        """True when any counter present in both readings is lower now: the engine restarted."""
+        return any(v < before.named[k] for k, v in self.named.items() if k in before.named) or any(
+            v < before.positions[k] for k, v in self.positions.items() if k in before.positions
+        )
+
+    def plus_newer(self, newer: Counts) -> Counts:
+        """These values overwritten by *newer*'s where it has them."""
+        return Counts(
+            MappingProxyType({**self.named, **newer.named}), MappingProxyType({**self.positions, **newer.positions})
+        )
+
+    def plus(self, other: Counts) -> Counts:
+        named = dict(self.named)
+        for k, v in other.named.items():
+            named[k] = named.get(k, 0.0) + v
+        positions = dict(self.positions)
+        for k, v in other.positions.items():
+            positions[k] = positions.get(k, 0.0) + v
+        return Counts(MappingProxyType(named), MappingProxyType(positions))
+
+
+def _carry(now: Mapping, raw: Mapping, totals: Mapping, restarted: bool) -> tuple[dict, dict]:
+    """Next (raw, totals) for one family of counters. Counters absent now keep their raw value and total
+    (after a restart their raw value is 0: when they come back, all of it is new)."""
+    next_raw = {k: (0.0 if restarted else v) for k, v in raw.items()}
+    next_totals = dict(totals)
+    for k, value in now.items():
+        base = totals.get(k)
+        if base is None:  # first seen on a known engine (e.g. a new position): its value is the baseline
+            next_totals[k] = value if restarted else 0.0
+        elif restarted:
+            next_totals[k] = base + value
+        else:
+            next_totals[k] = base + (value - raw[k])
+        next_raw[k] = value
+    return next_raw, next_totals
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCounters:
+    """The last raw value and the reset-adjusted total of every counter of one (model, engine) ever seen."""
+
+    raw: Counts
+    totals: Counts
+    present: bool = True  # in the latest scrape (else carried from an earlier one)
+    gap_polls: int = 0  # consecutive polls that lacked some of this engine's counters
+    held: Counts | None = None  # the newest values of those held-back polls (folded in on a restart)
+
+
+# A poll that lacks some counters an engine had is held back whole (all its counters keep their last values),
+# so every ratio over a window stays consistent; after this many such polls in a row the missing counters
+# are taken as gone for good and the others move on.
+MAX_GAP_POLLS = 3
+
+
+def _lacks(now: Counts, before: Counts) -> bool:
+    return any(k not in now.named for k in before.named) or any(k not in now.positions for k in before.positions)
+
+
+def _next_engine(before: EngineCounters | None, now: Counts) -> tuple[EngineCounters, bool]:
+    if before is None:  # an engine seen for the first time starts its totals at 0
+        zero = Counts(
+            MappingProxyType(dict.fromkeys(now.named, 0.0)), MappingProxyType(dict.fromkeys(now.positions, 0.0))
+        )
+        return EngineCounters(now, zero), False
+    restarted = now.went_down(before.raw)
+    lacking = _lacks(now, before.raw)
+    if lacking and not restarted and before.gap_polls < MAX_GAP_POLLS:
+        held = before.held.plus_newer(now) if before.held is not None else now
+        return EngineCounters(before.raw, before.totals, True, before.gap_polls + 1, held), False
+    if restarted and before.held is not None:  # count what the held-back polls saw before the restart
+        before, _ = _next_engine(EngineCounters(before.raw, before.totals, gap_polls=MAX_GAP_POLLS), before.held)
+    named_raw, named_totals = _carry(now.named, before.raw.named, before.totals.named, restarted)
+    pos_raw, pos_totals = _carry(now.positions, before.raw.positions, before.totals.positions, restarted)
+    return (
+        EngineCounters(
+            Counts(MappingProxyType(named_raw), MappingProxyType(pos_raw)),
+            Counts(MappingProxyType(named_totals), MappingProxyType(pos_totals)),
+            gap_polls=before.gap_polls if lacking and not restarted else 0,
+        ),
+        restarted,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class Point:
-    """One successful scrape: when (monotonic seconds), what, and the reset-adjusted counter totals."""
+    """One successful scrape: when (monotonic seconds), what, and every engine's counters."""
 
     t: float
     snapshot: VllmSnapshot
-    raw: Mapping[SeriesKey, Mapping[str, float]]
-    totals: Mapping[SeriesKey, Mapping[str, float]]
+    engines: Mapping[SeriesKey, EngineCounters]
     resets: int = 0
+
+    def totals(self, key: SeriesKey) -> Counts | None:
+        engine = self.engines.get(key)
+        return engine.totals if engine is not None else None
 
 
 def advance(previous: Point | None, t: float, snapshot: VllmSnapshot) -> Point:
-    """The next history point. An engine seen for the first time starts its totals at 0."""
-    raw: dict[SeriesKey, Mapping[str, float]] = {}
-    totals: dict[SeriesKey, Mapping[str, float]] = {}
+    """The next history point, carrying counters and engines this scrape lacks."""
+    engines: dict[SeriesKey, EngineCounters] = {}
     resets = 0
+    before_engines = previous.engines if previous is not None else {}
     for key, sample in snapshot.engines.items():
-        now = _counter_values(sample)
-        raw[key] = MappingProxyType(now)
-        before = previous.raw.get(key) if previous else None
-        before_totals = previous.totals.get(key) if previous else None
-        if before is None or before_totals is None:
-            totals[key] = MappingProxyType({name: 0.0 for name in now})
-            continue
-        restarted = any(now[name] < before[name] for name in now if name in before)
+        engines[key], restarted = _next_engine(before_engines.get(key), Counts.of(sample))
         resets += restarted
-        adjusted: dict[str, float] = {}
-        for name, value in now.items():
-            base = before_totals.get(name)
-            if base is None:  # a counter that appeared since the last scrape (e.g. a new position)
-                adjusted[name] = value if restarted else 0.0
-            elif restarted or name not in before:
-                adjusted[name] = base + value
-            else:
-                adjusted[name] = base + (value - before[name])
-        totals[key] = MappingProxyType(adjusted)
-    return Point(t, snapshot, MappingProxyType(raw), MappingProxyType(totals), resets)
+    for key, carried in before_engines.items():
+        if key not in engines:
+            engines[key] = EngineCounters(carried.raw, carried.totals, present=False)
+    return Point(t, snapshot, MappingProxyType(engines), resets)
 
 
 class Timed(Protocol):
@@ -141,11 +226,11 @@ class WindowStats:
         return self.per_second(self.preemptions)
 
 
-def _delta(now: Mapping[str, float], base: Mapping[str, float] | None, name: str) -> float | None:
-    if name not in now:
+def _delta(now: Mapping, base: Mapping | None, key: object) -> float | None:
+    if key not in now:
         return None
-    start = base.get(name, 0.0) if base is not None else 0.0
-    return max(0.0, now[name] - start)
+    start = base.get(key, 0.0) if base is not None else 0.0
+    return max(0.0, now[key] - start)
 
 
 def _sum(values: list[float | None]) -> float | None:
@@ -170,13 +255,12 @@ def window_stats(
     accepted = deltas.get("accepted_tokens")
     generated = deltas.get("generation_tokens")
     gate = drafts if drafts is not None else draft_tokens
-    enough = gate is not None and gate >= min_drafts and gate > 0
-    acceptance = mean_len = None
+    enough = enough_drafts(gate, min_drafts)
+    acceptance = window_acceptance(accepted, draft_tokens, gate, min_drafts)
+    mean_len = None
     positions: dict[int, float] = {}
     token_ratio = None
     if enough and accepted is not None:
-        if draft_tokens:
-            acceptance = clamped_ratio(accepted, draft_tokens)
         if drafts:
             # 1 + accepted per step, bounded by the number of speculative positions + 1 when known.
             mean_len = 1.0 + max(0.0, accepted / drafts)
@@ -232,17 +316,14 @@ class Health:
     verdicts: Mapping[str, Verdict]
     verdict_acceptance: Mapping[str, float | None]
     spans: Mapping[float, float]
-    totals: Mapping[str, Mapping[str, float]] = field(default_factory=lambda: MappingProxyType({}))
+    totals: Mapping[str, Counts] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def _engine_deltas(
-    now: Mapping[str, float], base: Mapping[str, float] | None
-) -> tuple[dict[str, float | None], dict[int, float]]:
-    deltas = {name: _delta(now, base, name) for name in COUNTER_FIELDS}
-    positions: dict[int, float] = {}
-    for name in now:
-        if name.startswith("pos:"):
-            positions[int(name[4:])] = _delta(now, base, name) or 0.0
+def _engine_deltas(now: Counts, base: Counts | None) -> tuple[dict[str, float | None], dict[int, float]]:
+    deltas = {name: _delta(now.named, base.named if base else None, name) for name in COUNTER_FIELDS}
+    positions = {
+        pos: _delta(now.positions, base.positions if base else None, pos) or 0.0 for pos in now.positions
+    }
     return deltas, positions
 
 
@@ -277,15 +358,19 @@ def derive(
 
     engine_health: dict[SeriesKey, GroupHealth] = {}
     model_windows: dict[str, dict[float, list[tuple[dict[str, float | None], dict[int, float]]]]] = {}
-    for key, totals in last.totals.items():
-        sample = last.snapshot.engines[key]
+    for key, engine in last.engines.items():
         stats: dict[float, WindowStats] = {}
         for w, base in bases.items():
             if base is None:
                 continue
-            deltas, positions = _engine_deltas(totals, base.totals.get(key))
+            deltas, positions = _engine_deltas(engine.totals, base.totals(key))
             stats[w] = window_stats(deltas, positions, w, spans[w], min_drafts)
+            # A model's windows add up every engine it has had, present or carried: an engine that vanished
+            # mid-window still produced what it produced.
             model_windows.setdefault(key[0], {}).setdefault(w, []).append((deltas, positions))
+        sample = last.snapshot.engines.get(key)
+        if sample is None:  # carried, not in this scrape: no per-engine series
+            continue
         engine_health[key] = GroupHealth(
             windows=MappingProxyType(stats),
             pressure=_pressure([sample]),
@@ -319,17 +404,59 @@ def derive(
         verdict_acceptance[model] = acceptance
         verdicts[model] = decide(acceptance, break_even, near_upper)
 
-    totals: dict[str, dict[str, float]] = {}
-    for (model, _), engine_totals in last.totals.items():
-        summed = totals.setdefault(model, {})
-        for name, value in engine_totals.items():
-            summed[name] = summed.get(name, 0.0) + value
+    totals: dict[str, Counts] = {}
+    for (model, _), engine in last.engines.items():
+        if model in model_health:
+            totals[model] = totals.get(model, Counts()).plus(engine.totals)
 
     return Health(
-        totals=MappingProxyType({m: MappingProxyType(t) for m, t in totals.items()}),
+        totals=MappingProxyType(totals),
         models=MappingProxyType(model_health),
         engines=MappingProxyType(engine_health),
         verdicts=MappingProxyType(verdicts),
         verdict_acceptance=MappingProxyType(verdict_acceptance),
         spans=MappingProxyType(spans),
+    )
+
+
+class BucketTotalsLike(Protocol):
+    accepted: float
+    drafted: float
+    steps: float
+
+
+BucketKey = tuple[str, str]  # (model, temperature bucket)
+
+
+@dataclass(frozen=True, slots=True)
+class BucketHealth:
+    """Acceptance per (model, temperature bucket) and window, and the verdict per (model, bucket) over the
+    verdict window, from the tap's per-request totals (source ``vllm``)."""
+
+    acceptance: Mapping[float, Mapping[BucketKey, float]]
+    verdicts: Mapping[BucketKey, Verdict]
+
+
+def derive_buckets(
+    deltas: Mapping[float, Mapping[BucketKey, BucketTotalsLike]],
+    *,
+    min_drafts: int,
+    verdict_window: float,
+    break_even: float,
+    near_upper: float,
+) -> BucketHealth:
+    """*deltas*: per window, the per-(model, bucket) totals accumulated over it. Same gate and thresholds as
+    the per-model verdict (``decision.window_acceptance`` and ``decision.decide``)."""
+    acceptance: dict[float, dict[BucketKey, float]] = {}
+    verdicts: dict[BucketKey, Verdict] = {}
+    for window, per_key in deltas.items():
+        rates = acceptance.setdefault(window, {})
+        for key, totals in sorted(per_key.items()):
+            value = window_acceptance(totals.accepted, totals.drafted, totals.steps, min_drafts)
+            if value is not None:
+                rates[key] = value
+            if window == verdict_window:
+                verdicts[key] = decide(value, break_even, near_upper)
+    return BucketHealth(
+        MappingProxyType({w: MappingProxyType(r) for w, r in acceptance.items()}), MappingProxyType(verdicts)
     )

@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from dataclasses import dataclass
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.config import Settings
-from sidecar.upstream.derive import Health, Point, advance, derive, trim_history
+from sidecar.upstream.derive import BucketHealth, BucketKey, BucketTotalsLike, Health, Point, advance, derive, \
+    derive_buckets, trim_history
 from sidecar.upstream.scrape import ScrapeError, ScrapeResult, Scraper
 
 log = structlog.get_logger("sidecar.upstream.monitor")
@@ -30,6 +32,7 @@ class MonitorState:
     up: bool = False
     health: Health | None = None
     scrapes: int = 0
+    buckets: BucketHealth | None = None  # from the tap; kept whether or not the upstream is up
 
 
 class OwnMetrics:
@@ -78,6 +81,7 @@ class Monitor:
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.monotonic,
         on_tick: Callable[[float], None] | None = None,
+        bucket_deltas: Callable[[float, float], Mapping[BucketKey, BucketTotalsLike]] | None = None,
     ) -> None:
         self.settings = settings
         self._scraper = scraper
@@ -88,6 +92,7 @@ class Monitor:
         self.state = MonitorState()
         self._last_error: ScrapeError | None = None
         self._on_tick = on_tick
+        self._bucket_deltas = bucket_deltas
 
     def record(self, result: ScrapeResult, t: float) -> None:
         """Fold one scrape result into the history and publish a new state (synchronous, no I/O)."""
@@ -104,7 +109,9 @@ class Monitor:
                     detail=result.detail,
                 )
             self._last_error = result.error
-            self.state = MonitorState(up=False, health=None, scrapes=self.state.scrapes + 1)
+            self.state = MonitorState(
+                up=False, health=None, scrapes=self.state.scrapes + 1, buckets=self.state.buckets
+            )
             return
 
         assert result.snapshot is not None
@@ -134,7 +141,7 @@ class Monitor:
             near_upper=s.near_break_even_upper,
             tolerance=s.scrape_interval / 2,
         )
-        self.state = MonitorState(up=True, health=health, scrapes=self.state.scrapes + 1)
+        self.state = MonitorState(up=True, health=health, scrapes=self.state.scrapes + 1, buckets=self.state.buckets)
 
     async def poll_once(self) -> None:
         result = await self._scraper.scrape()
@@ -142,6 +149,21 @@ class Monitor:
         self.record(result, now)
         if self._on_tick is not None:
             self._on_tick(now)
+        if self._bucket_deltas is not None:
+            self.state = replace(self.state, buckets=self.judge_buckets())
+
+    def judge_buckets(self) -> BucketHealth:
+        """Per-bucket acceptance and verdicts over every window, from the tap's checkpoints."""
+        assert self._bucket_deltas is not None
+        s = self.settings
+        tolerance = s.scrape_interval / 2
+        return derive_buckets(
+            {w: self._bucket_deltas(w, tolerance) for w in s.windows},
+            min_drafts=s.min_drafts,
+            verdict_window=s.verdict_window,
+            break_even=s.break_even,
+            near_upper=s.near_break_even_upper,
+        )
 
     async def run(self) -> None:
         """Poll forever on a fixed schedule (no drift; a slow scrape skips missed ticks)."""
