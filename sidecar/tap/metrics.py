@@ -1,12 +1,30 @@
 """Per-request metrics from the tap: counters and histograms only, so they add up across pods.
 
 Labels come from bounded sets: ``model`` from the allowlist or vLLM's ``/v1/models`` (anything else is
-``other``), ``temperature_bucket`` from ``buckets.py``, ``source`` ``vllm``/``stream_steps``,
-``status_class`` ``2xx``..``5xx``, ``stream`` ``true``/``false``, ``reason`` from a fixed list. No request
-ids, prompts, users or headers ever reach a label or a log line.
+``other``, no model field ``unknown``), ``temperature_bucket`` from ``buckets.py`` plus ``unread`` (the
+request body was not read: too large or not JSON), ``source`` ``vllm``/``stream_steps``, ``status_class``
+``1xx``..``5xx``/``other``, ``stream`` ``true``/``false``, ``reason`` from a fixed list. No request ids,
+prompts, users or headers ever reach a label or a log line.
+
+Every series is paid for by the fleet's Prometheus, so the families are cut to what the rules, ``top`` and
+the dashboards read (the budget per family is in ``docs/scaling.md`` and ``tests/test_series_budget.py``):
+
+* per temperature bucket: the acceptance histogram (edges at the 0.5 and 0.65 thresholds), and TTFT/TPOT
+  for streamed requests only (a non-streamed request has no first token of its own: its latency is the
+  end-to-end histogram's ``stream="false"``);
+* per model only: end-to-end latency by ``stream``, and the mean-acceptance-length histogram by ``source``
+  (never mixed: ``vllm`` is exact, ``stream_steps`` is the stream-derived estimate).
+
+Example output::
+
+    specdec_requests_total{model="tiny-target",status_class="2xx",temperature_bucket="0"} 12.0
+    specdec_request_acceptance_rate_bucket{le="0.65",model="tiny-target",temperature_bucket="0"} 9.0
+    specdec_request_ttft_seconds_bucket{le="0.1",model="tiny-target",stream="true",temperature_bucket="0"} 5.0
+    specdec_request_e2e_seconds_count{model="tiny-target",stream="false"} 7.0
+    specdec_request_mean_acceptance_length_sum{model="tiny-target",source="vllm"} 13.4
 
 The per-bucket verdict needs windows: at every poll tick the monitor calls ``checkpoint()``, which keeps a
-bounded history of the cumulative per-bucket totals, and ``bucket_windows()`` differences them.
+bounded history of the cumulative per-bucket totals, and ``bucket_deltas()`` differences them.
 """
 
 from __future__ import annotations
@@ -23,18 +41,29 @@ from sidecar.tap.observe import Outcome, RequestInfo
 
 OTHER_MODEL = "other"
 UNKNOWN_MODEL = "unknown"
+# The request body was not read (larger than --max-observed-body, or not a JSON object): its temperature is
+# unknown, which is not the same as ``invalid`` (a temperature that was read and is not a usable number).
+UNREAD_BUCKET = "unread"
 UNATTRIBUTED_REASONS = (
     "body_too_large", "unparsable_request", "n_not_1", "no_spec_metrics", "no_usage", "no_content",
     "response_too_large", "unparsable_response", "upstream_unreachable", "upstream_reset", "client_disconnected",
-    "error_status", "observer_error",
+    "error_status", "stream_error", "observer_error",
 )  # fmt: skip
 
-# 0 has its own bucket: a request that accepted nothing must read back as 0, not as an interpolated 2.5%.
-ACCEPTANCE_BUCKETS = tuple(round(i * 0.05, 2) for i in range(0, 21))
-LENGTH_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0, 9.0)
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
-E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0)
+# Bucket edges, chosen for the series budget (docs/scaling.md, with the quantile errors they give). Each
+# edge costs one series per temperature bucket (8 with the default edges) for the first three.
+#
+# Per-request acceptance: edges at the break-even (0.5) and near-break-even (0.65) thresholds, so a
+# quantile never lands on the wrong side of either; 0 alone, so a request that accepted nothing reads back
+# as 0, not as an interpolated 5%; 1.0 because perfect requests are common (n-gram on repetitive text).
+ACCEPTANCE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
+# Streamed requests' time to first token and time per output token: roughly doubling steps over the range
+# vLLM serves in (tens of milliseconds to seconds; TPOT milliseconds to half a second).
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5)
+# Per model only (labels model, stream / model, source): a few series whatever the temperature buckets.
+E2E_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
+LENGTH_BUCKETS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
 
 def status_class(status: int) -> str:
@@ -113,24 +142,29 @@ class RequestMetrics:
         )  # fmt: skip
         self.length = Histogram(
             "specdec_request_mean_acceptance_length",
-            "Per-request mean acceptance length (1 + accepted per verify step).",
-            labels, buckets=LENGTH_BUCKETS, registry=registry,
+            "Per-request mean acceptance length (1 + accepted per verify step), per model, sources kept "
+            "apart: vllm (exact, vLLM's per-request metrics) and stream_steps (completion tokens per "
+            "streamed step).",
+            ["model", "source"], buckets=LENGTH_BUCKETS, registry=registry,
         )  # fmt: skip
         self.ttft = Histogram(
             "specdec_request_ttft_seconds",
-            "Time to first token as the client sees it: first content chunk of a stream; for a non-streamed "
-            "request (stream=false) the whole body.",
+            "Time to first token of a streamed request as the client sees it (first content chunk). Streamed "
+            "requests only (stream=true): a non-streamed one has no first token of its own, see "
+            "specdec_request_e2e_seconds{stream=\"false\"}.",
             [*labels, "stream"], buckets=TTFT_BUCKETS, registry=registry,
         )  # fmt: skip
         self.tpot = Histogram(
             "specdec_request_tpot_seconds",
-            "Time per output token after the first: for streams (last - first content chunk) / "
-            "(completion tokens - 1); for stream=false, end-to-end time / completion tokens.",
+            "Time per output token after the first of a streamed request: (last - first content chunk) / "
+            "(completion tokens - 1). Streamed requests only (stream=true).",
             [*labels, "stream"], buckets=TPOT_BUCKETS, registry=registry,
         )  # fmt: skip
         self.e2e = Histogram(
-            "specdec_request_e2e_seconds", "End-to-end request latency through the proxy.",
-            [*labels, "stream"], buckets=E2E_BUCKETS, registry=registry,
+            "specdec_request_e2e_seconds",
+            "End-to-end request latency through the proxy, per model and stream mode (for stream=false it is "
+            "also the time to the first token).",
+            ["model", "stream"], buckets=E2E_BUCKETS, registry=registry,
         )  # fmt: skip
         self.unattributed = Counter(
             "specdec_requests_unattributed",
@@ -146,15 +180,16 @@ class RequestMetrics:
         if info is None:
             return
         model = self.models.label(info.model)
-        bucket = self.buckets.bucket(info.temperature, info.temperature_present) if info.parse_error is None \
-            else "invalid"
+        read = info.parse_error is None
+        bucket = self.buckets.bucket(info.temperature, info.temperature_present) if read else UNREAD_BUCKET
         self.requests.labels(model, bucket, status_class(outcome.status)).inc()
         reason = info.parse_error or outcome.unattributed
         if reason is None and outcome.status >= 400:
             reason = "error_status"
         if reason is None and info.n != 1:
             reason = "n_not_1"
-        if outcome.status < 400 and outcome.finished:
+        # An unread request's stream mode is unknown too: counted, but kept out of the latency histograms.
+        if read and outcome.status < 400 and outcome.finished:
             self._latency(model, bucket, info.stream, outcome, started, ended)
         if reason is not None or outcome.spec is None:
             self.unattributed.labels(reason or "no_spec_metrics").inc()
@@ -172,25 +207,21 @@ class RequestMetrics:
             if (rate := spec.acceptance_rate) is not None:
                 self.acceptance.labels(model, bucket).observe(rate)
         if (length := spec.mean_acceptance_length) is not None:
-            self.length.labels(model, bucket).observe(length)
+            self.length.labels(model, spec.source).observe(length)
 
     def _latency(self, model: str, bucket: str, stream: bool, outcome: Outcome, started: float, ended: float) -> None:
-        streamed = "true" if stream else "false"
-        e2e = max(0.0, ended - started)
-        self.e2e.labels(model, bucket, streamed).observe(e2e)
+        self.e2e.labels(model, "true" if stream else "false").observe(max(0.0, ended - started))
         tokens = outcome.completion_tokens
         if tokens is not None:
             self.output_tokens.labels(model, bucket).inc(tokens)
-        if stream:
-            if outcome.first_token_at is None:
-                return
-            self.ttft.labels(model, bucket, streamed).observe(max(0.0, outcome.first_token_at - started))
-            if tokens and tokens > 1 and outcome.last_token_at is not None:
-                tpot = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
-                self.tpot.labels(model, bucket, streamed).observe(max(0.0, tpot))
-        elif tokens:
-            self.ttft.labels(model, bucket, streamed).observe(e2e)
-            self.tpot.labels(model, bucket, streamed).observe(e2e / tokens)
+        # TTFT and TPOT are stream-only: a non-streamed body arrives at once, so its "first token" is the
+        # end-to-end time (already above) and e2e / tokens mixes prefill into a per-token figure.
+        if not stream or outcome.first_token_at is None:
+            return
+        self.ttft.labels(model, bucket, "true").observe(max(0.0, outcome.first_token_at - started))
+        if tokens and tokens > 1 and outcome.last_token_at is not None:
+            tpot = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
+            self.tpot.labels(model, bucket, "true").observe(max(0.0, tpot))
 
     # --- windows for the per-bucket verdict --------------------------------------------------------------
 
