@@ -1,0 +1,761 @@
+"""Build the Grafana dashboards in ``dashboards/`` from code (Grafana's grafana-foundation-sdk builders).
+
+    python tools/dashboards.py --out dashboards     # write dashboards/*.json (make dashboards)
+    python tools/dashboards.py --check              # exit 1 if the committed JSON is stale or a query is wrong
+
+``--check`` fails when the committed JSON differs from what this file builds, when a query names a metric
+that nobody defines (the README's "Exported series" table, a recording rule in alerts/recording-rules.yaml,
+a vLLM name the sidecar reads, or a Prometheus built-in), when a rate ignores ``$__rate_interval``, when a
+division has no ``> 0`` guard on its denominator, or when a panel misses the datasource variable or a link to
+an existing runbook section. Queries read the recorded series wherever a recording rule exists; raw series
+are queried only where no rule records what the panel needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import common as common_b
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dm
+from grafana_foundation_sdk.models import heatmap as hm
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "dashboards"
+# The alerts' runbook_url base; a dashboard variable, so a fork or a mirror can point it elsewhere.
+RUNBOOK_BASE = "https://github.com/specdec-sidecar/specdec-sidecar/blob/main/docs/runbooks.md"
+NO_TRAFFIC = "No traffic"
+
+DS = common.DataSourceRef(type_val="prometheus", uid="${datasource}")
+
+# Label selectors. Recorded series are aggregated by (namespace, model[, temperature_bucket]): the pod filter
+# only applies to the raw per-pod series.
+M = 'namespace=~"$namespace", model=~"$model"'
+MB = M + ', temperature_bucket=~"$temperature_bucket"'
+MP = M + ', pod=~"$pod"'
+MBP = MB + ', pod=~"$pod"'
+P = 'namespace=~"$namespace", pod=~"$pod"'
+
+BREAK_EVEN = "specdec:acceptance_break_even:threshold"
+NEAR_UPPER = "specdec:acceptance_near_break_even_upper:threshold"
+GUARD = "specdec:draft_tokens_guard:threshold"
+
+# Verdict codes computed in PromQL from the recorded acceptance and the recorded thresholds, so one number
+# in recording-rules.yaml moves the alerts, the threshold lines and the verdicts together.
+VERDICT_MAPPINGS = [
+    dm.ValueMap(options={
+        "-1": dm.ValueMappingResult(text="insufficient data (below the traffic guard)", color="text", index=0),
+        "0": dm.ValueMappingResult(text="DISABLE: acceptance below break-even", color="red", index=1),
+        "1": dm.ValueMappingResult(text="NEAR BREAK-EVEN: roughly a wash", color="orange", index=2),
+        "2": dm.ValueMappingResult(text="USE: acceptance above the near-break-even edge", color="green", index=3),
+    })
+]
+
+
+def verdict_expr(acceptance: str, draft_rate: str, on: str) -> str:
+    """2 use, 1 near break-even, 0 disable, -1 below the traffic guard; absent without drafts ("No traffic")."""
+    return (
+        f"(\n  ({acceptance} >= bool on () group_left () {BREAK_EVEN})\n"
+        f"  + ({acceptance} >= bool on () group_left () {NEAR_UPPER})\n)\n"
+        f"and on ({on}) ({draft_rate} >= on () group_left () {GUARD})\n"
+        f"or on ({on}) (0 * {acceptance} - 1)"
+    )
+
+
+def beside(series: str, threshold: str) -> str:
+    """The threshold as a column beside each row of ``series`` (tables cannot draw lines)."""
+    return f"0 * {series} + on () group_left () {threshold}"
+
+
+# --- runbook sections (anchors of docs/runbooks.md headings) -------------------------------------------------
+
+RUNBOOK = {
+    "below": "SpecDecodeAcceptanceBelowBreakEven",
+    "near": "SpecDecodeNearBreakEven",
+    "bucket": "SpecDecodeTemperatureBucketBelowBreakEven",
+    "p10": "SpecDecodeRequestAcceptanceP10Low",
+    "tpot": "SpecDecodeTPOTTailWidening",
+    "dropped": "SpecDecodeAcceptanceDropped",
+    "kv": "SpecDecodeKVCacheSaturated",
+    "preempt": "SpecDecodePreemptionsRising",
+    "upstream": "SpecDecodeSidecarUpstreamDown",
+    "absent": "SpecDecodeSidecarAbsent",
+}
+
+
+def runbook_links(*keys: str) -> list[dash.DashboardLink]:
+    return [
+        dash.DashboardLink(f"Runbook: {RUNBOOK[k]}")
+        .type(dm.DashboardLinkType.LINK)
+        .url("${runbook_base}#" + RUNBOOK[k].lower())
+        .target_blank(True)
+        for k in keys
+    ]
+
+
+# --- queries and panels ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Q:
+    expr: str
+    legend: str = ""
+    instant: bool = False
+    table: bool = False
+    heatmap: bool = False
+
+
+def target(q: Q, ref: str) -> prometheus.Dataquery:
+    t = prometheus.Dataquery().expr(q.expr).ref_id(ref).datasource(DS)
+    if q.legend:
+        t = t.legend_format(q.legend)
+    if q.instant:
+        t = t.instant()
+    else:
+        t = t.range()
+    if q.table:
+        t = t.format(PromQueryFormat.TABLE)
+    elif q.heatmap:
+        t = t.format(PromQueryFormat.HEATMAP)
+    return t
+
+
+def with_queries(panel, queries: Iterable[Q]):
+    for i, q in enumerate(queries):
+        panel = panel.with_target(target(q, chr(ord("A") + i)))
+    return panel
+
+
+def dashed(name: str, color: str) -> tuple[str, list[dm.DynamicConfigValue]]:
+    return name, [
+        dm.DynamicConfigValue(id_val="color", value={"mode": "fixed", "fixedColor": color}),
+        dm.DynamicConfigValue(id_val="custom.lineStyle", value={"fill": "dash", "dash": [10, 10]}),
+        dm.DynamicConfigValue(id_val="custom.fillOpacity", value=0),
+    ]
+
+
+THRESHOLD_LINES = [
+    Q(BREAK_EVEN, "break-even"),
+    Q(NEAR_UPPER, "near-break-even upper edge"),
+]
+THRESHOLD_STYLE = [dashed("break-even", "red"), dashed("near-break-even upper edge", "orange")]
+
+
+def ts(title: str, description: str, queries: list[Q], unit: str, runbooks: tuple[str, ...], *,
+       w: int = 12, h: int = 8, styles: list | None = None, stack: bool = False, soft_max: float | None = None):
+    panel = (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .unit(unit)
+        .no_value(NO_TRAFFIC)
+        .span(w)
+        .height(h)
+        .line_width(2)
+        .fill_opacity(8)
+        .legend(common_b.VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+                .placement(common.LegendPlacement.BOTTOM).show_legend(True).calcs(["lastNotNull", "min", "max"]))
+        .tooltip(common_b.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING))
+        .links(runbook_links(*runbooks))
+    )
+    if unit == "percentunit":
+        panel = panel.min(0).axis_soft_max(1 if soft_max is None else soft_max)
+    if stack:
+        panel = panel.stacking(common_b.StackingConfig().mode(common.StackingMode.NORMAL))
+    for name, props in styles or []:
+        if name.startswith("/"):
+            panel = panel.override_by_regexp(name.strip("/"), props)
+        else:
+            panel = panel.override_by_name(name, props)
+    return with_queries(panel, queries)
+
+
+def table_panel(title: str, description: str, queries: list[Q], runbooks: tuple[str, ...], columns: dict[str, str],
+                units: dict[str, str], *, w: int = 12, h: int = 8, verdict_column: str | None = None,
+                hidden: tuple[str, ...] = ()):
+    """An instant table; ``columns`` renames fields (e.g. ``Value #A``) and fixes their order."""
+    rename = dict(columns)
+    order = {name: i for i, name in enumerate(columns)}
+    exclude = {"Time": True, **{h_: True for h_ in hidden}}
+    panel = (
+        table.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .no_value(NO_TRAFFIC)
+        .span(w)
+        .height(h)
+        .links(runbook_links(*runbooks))
+        .with_transformation(dm.DataTransformerConfig(id_val="merge", options={}))
+        .with_transformation(dm.DataTransformerConfig(
+            id_val="organize",
+            options={"excludeByName": exclude, "indexByName": order, "renameByName": rename},
+        ))
+    )
+    for field, unit in units.items():
+        panel = panel.override_by_name(rename.get(field, field), [dm.DynamicConfigValue(id_val="unit", value=unit)])
+    if verdict_column:
+        panel = panel.mappings(VERDICT_MAPPINGS).override_by_name(verdict_column, [
+            dm.DynamicConfigValue(id_val="custom.cellOptions", value={"type": "color-background", "mode": "basic"}),
+            dm.DynamicConfigValue(id_val="custom.width", value=330),
+        ])
+    return with_queries(panel, [Q(q.expr, q.legend, instant=True, table=True) for q in queries])
+
+
+# --- the dashboard --------------------------------------------------------------------------------------------
+
+ACC = f"namespace_model:specdec_acceptance:ratio_rate5m{{{M}}}"
+DRAFT_RATE = f"namespace_model:specdec_draft_tokens:rate5m{{{M}}}"
+BACC = f"namespace_model_temperature_bucket:specdec_request_acceptance:ratio_rate5m{{{MB}}}"
+BDRAFT_RATE = f"namespace_model_temperature_bucket:specdec_request_draft_tokens:rate5m{{{MB}}}"
+BSHARE = f"namespace_model_temperature_bucket:specdec_requests:share_rate5m{{{MB}}}"
+TPOT_GAP = f"namespace_model:specdec_request_tpot_seconds:p99_over_p50_rate5m{{{M}}}"
+
+
+def verdict_row() -> list:
+    model_code = verdict_expr(ACC, DRAFT_RATE, "namespace, model")
+    bucket_code = verdict_expr(BACC, BDRAFT_RATE, "namespace, model, temperature_bucket")
+    verdict_stat = with_queries(
+        stat.Panel()
+        .title("Verdict by model")
+        .description(
+            "Fleet verdict per model over 5m, from the recorded token-weighted acceptance against the recorded "
+            "thresholds (specdec:*:threshold): USE at or above the near-break-even edge, NEAR BREAK-EVEN from "
+            "break-even up to it, DISABLE below break-even; 'insufficient data' while proposed draft tokens are "
+            "under the traffic guard. The table beside it gives the numbers behind each verdict.")
+        .datasource(DS)
+        .no_value(NO_TRAFFIC)
+        .span(7)
+        .height(7)
+        .mappings(VERDICT_MAPPINGS)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .orientation(common.VizOrientation.HORIZONTAL)
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .links(runbook_links("below", "near")),
+        [Q(model_code, "{{namespace}} / {{model}}", instant=True)],
+    )
+    model_table = table_panel(
+        "Why: acceptance against the thresholds, by model",
+        "One row per model (fleet, 5m): the verdict and what it was decided from. Acceptance is accepted / "
+        "proposed draft tokens summed over pods and engines; P10 is the per-request distribution's 10th "
+        "percentile (an average can hide a slow tenth); draft tokens/s is compared with the traffic guard.",
+        [
+            Q(model_code),
+            Q(ACC),
+            Q(beside(ACC, BREAK_EVEN)),
+            Q(beside(ACC, NEAR_UPPER)),
+            Q(f"namespace_model:specdec_request_acceptance:p10_rate5m{{{M}}}"),
+            Q(f"namespace_model:specdec_mean_acceptance_length:ratio_rate5m{{{M}}}"),
+            Q(DRAFT_RATE),
+            Q(beside(DRAFT_RATE, GUARD)),
+        ],
+        ("below", "near", "p10"),
+        {"namespace": "namespace", "model": "model", "Value #A": "verdict", "Value #B": "acceptance",
+         "Value #C": "break-even", "Value #D": "near-break-even edge", "Value #E": "per-request P10",
+         "Value #F": "mean acceptance length", "Value #G": "draft tokens/s", "Value #H": "traffic guard"},
+        {"Value #B": "percentunit", "Value #C": "percentunit", "Value #D": "percentunit", "Value #E": "percentunit",
+         "Value #G": "short", "Value #H": "short"},
+        w=17, h=7, verdict_column="verdict",
+    )
+    bucket_table = table_panel(
+        "Verdict by temperature bucket, with its reasons",
+        "One row per model and temperature bucket (fleet, 5m, from the request tap's per-request numbers): "
+        "the verdict, acceptance against the thresholds, the bucket's share of the model's requests (a "
+        "bucket below break-even with 10% or more of the traffic slows every batch it shares), the "
+        "per-request P10/P50/P90 and streamed TPOT. Turn speculation off for a DISABLE bucket with a real share.",
+        [
+            Q(bucket_code),
+            Q(BACC),
+            Q(beside(BACC, BREAK_EVEN)),
+            Q(beside(BACC, NEAR_UPPER)),
+            Q(BSHARE),
+            Q(f"namespace_model_temperature_bucket:specdec_request_acceptance:p10_rate5m{{{MB}}}"),
+            Q(f"namespace_model_temperature_bucket:specdec_request_acceptance:p50_rate5m{{{MB}}}"),
+            Q(f"namespace_model_temperature_bucket:specdec_request_acceptance:p90_rate5m{{{MB}}}"),
+            Q(f"namespace_model_temperature_bucket:specdec_request_tpot_seconds:p50_rate5m{{{MB}}}"),
+            Q(f"namespace_model_temperature_bucket:specdec_request_tpot_seconds:p99_rate5m{{{MB}}}"),
+            Q(BDRAFT_RATE),
+        ],
+        ("bucket", "p10"),
+        {"namespace": "namespace", "model": "model", "temperature_bucket": "temperature bucket",
+         "Value #A": "verdict", "Value #B": "acceptance", "Value #C": "break-even",
+         "Value #D": "near-break-even edge", "Value #E": "share of requests", "Value #F": "P10", "Value #G": "P50",
+         "Value #H": "P90", "Value #I": "TPOT P50", "Value #J": "TPOT P99", "Value #K": "draft tokens/s"},
+        {"Value #B": "percentunit", "Value #C": "percentunit", "Value #D": "percentunit", "Value #E": "percentunit",
+         "Value #F": "percentunit", "Value #G": "percentunit", "Value #H": "percentunit", "Value #I": "s",
+         "Value #J": "s", "Value #K": "short"},
+        w=24, h=9, verdict_column="verdict",
+    )
+    alerts = table_panel(
+        "Firing SpecDecode alerts",
+        "Alerts from alerts/alerts.yaml firing now (Prometheus's ALERTS series), for the selected namespaces "
+        "and models; alerts without a model or namespace label (sidecar health) always show. Each alert "
+        "has a runbook section in the panel links.",
+        [Q('ALERTS{alertname=~"SpecDecode.*", alertstate="firing", namespace=~"($namespace)|", '
+           'model=~"($model)|"}')],
+        tuple(RUNBOOK),
+        {"alertname": "alert", "severity": "severity", "namespace": "namespace", "model": "model",
+         "temperature_bucket": "temperature bucket"},
+        {},
+        w=24, h=6,
+        hidden=("__name__", "alertstate", "Value", "job", "instance", "pod"),
+    )
+    return [verdict_stat, model_table, bucket_table, alerts]
+
+
+def acceptance_row() -> list:
+    return [
+        ts("Fleet acceptance against break-even",
+           "Token-weighted acceptance per model over 5m (namespace_model:specdec_acceptance:ratio_rate5m) with "
+           "the break-even and near-break-even lines drawn from the recorded thresholds: below the red line "
+           "speculation costs more than it saves.",
+           [Q(ACC, "{{namespace}} / {{model}}"), *THRESHOLD_LINES], "percentunit", ("below", "near"),
+           styles=THRESHOLD_STYLE),
+        ts("Acceptance by temperature bucket",
+           "Acceptance per temperature bucket from vLLM's per-request numbers (through the tap). No vLLM series "
+           "carries temperature; this is where a sampled slice shows up below break-even.",
+           [Q(BACC, "{{model}} {{temperature_bucket}}"), *THRESHOLD_LINES], "percentunit", ("bucket",),
+           styles=THRESHOLD_STYLE),
+        ts("Share of requests by temperature bucket",
+           "Each bucket's share of a model's requests over 5m. A bucket below break-even matters once it carries "
+           "a meaningful share (the alert uses 10%).",
+           [Q(BSHARE, "{{model}} {{temperature_bucket}}")], "percentunit", ("bucket",), w=8, stack=True),
+        ts("Per-request acceptance P10 / P50 / P90",
+           "Distribution of per-request acceptance per model (recorded from the tap's histogram). A healthy "
+           "token-weighted average can hide a P10 below break-even: a tenth of requests slower with speculation.",
+           [Q(f"namespace_model:specdec_request_acceptance:p10_rate5m{{{M}}}", "{{model}} P10"),
+            Q(f"namespace_model:specdec_request_acceptance:p50_rate5m{{{M}}}", "{{model}} P50"),
+            Q(f"namespace_model:specdec_request_acceptance:p90_rate5m{{{M}}}", "{{model}} P90"),
+            THRESHOLD_LINES[0]],
+           "percentunit", ("p10",), w=8, styles=THRESHOLD_STYLE[:1]),
+        heatmap_panel(),
+        ts("Mean acceptance length",
+           "Tokens emitted per target forward pass: 1 + accepted per draft step. Per model from vLLM's counters "
+           "(recorded), per temperature bucket from the tap. Close to 1 means the draft's work is wasted.",
+           [Q(f"namespace_model:specdec_mean_acceptance_length:ratio_rate5m{{{M}}}", "{{model}}"),
+            Q(f"1 + sum by (namespace, model, temperature_bucket) "
+              f"(rate(specdec_request_accepted_tokens_total{{{MBP}}}[$__rate_interval]))\n  /\n"
+              f"(sum by (namespace, model, temperature_bucket) "
+              f"(rate(specdec_request_spec_steps_total{{{MBP}}}[$__rate_interval])) > 0)",
+              "{{model}} {{temperature_bucket}}")],
+           "short", ("below",), w=8),
+        ts("Acceptance by speculative position",
+           "Share of draft steps whose token at each position was accepted. If position 0 is already low the "
+           "draft disagrees with the target from the first token (wrong draft, tokenizer or quantization); if "
+           "only late positions are low, fewer speculative tokens will do.",
+           [Q(f"sum by (namespace, model, position) "
+              f"(rate(specdec_accepted_tokens_per_position_total{{{MP}}}[$__rate_interval]))\n"
+              f"  / on (namespace, model) group_left ()\n"
+              f"(sum by (namespace, model) (rate(specdec_drafts_total{{{MP}}}[$__rate_interval])) > 0)",
+              "{{model}} position {{position}}")],
+           "percentunit", ("below",), w=8),
+        ts("Share of output from drafts",
+           "Accepted draft tokens / generated tokens: how much of the output the draft model wrote.",
+           [Q(f"sum by (namespace, model) (rate(specdec_accepted_tokens_total{{{MP}}}[$__rate_interval]))\n  /\n"
+              f"(sum by (namespace, model) (rate(specdec_generation_tokens_total{{{MP}}}[$__rate_interval])) > 0)",
+              "{{model}}")],
+           "percentunit", ("below",), w=8),
+        ts("Draft tokens per second: proposed, accepted, wasted",
+           "Draft tokens proposed and accepted per second (recorded fleet rates) and the difference: verify "
+           "compute spent on tokens the target rejected.",
+           [Q(DRAFT_RATE, "{{model}} proposed"),
+            Q(f"namespace_model:specdec_accepted_tokens:rate5m{{{M}}}", "{{model}} accepted"),
+            Q(f"{DRAFT_RATE}\n  - on (namespace, model)\nnamespace_model:specdec_accepted_tokens:rate5m{{{M}}}",
+              "{{model}} wasted")],
+           "short", ("below",)),
+        ts("Acceptance now and a day earlier",
+           "Acceptance against its value 24h earlier and the alert's line (5 points below it): a drop means "
+           "something changed (target, draft, quantization, chat template, sampling defaults or traffic).",
+           [Q(ACC, "{{model}} now"),
+            Q(f"{ACC} offset 1d", "{{model}} a day earlier"),
+            Q(f"({ACC} offset 1d) - 0.05", "{{model}} alert below this")],
+           "percentunit", ("dropped",), styles=[dashed("/.* alert below this$/", "red")]),
+    ]
+
+
+def heatmap_panel():
+    panel = (
+        heatmap.Panel()
+        .title("Per-request acceptance distribution")
+        .description(
+            "How many requests fell in each per-request acceptance bucket per interval (the tap's "
+            "specdec_request_acceptance_rate histogram). Two bands, one near 0 and one high, are a mixed "
+            "workload: find the slice in the temperature panels.")
+        .datasource(DS)
+        .no_value(NO_TRAFFIC)
+        .span(8)
+        .height(8)
+        .calculate(False)
+        .y_axis(heatmap.YAxisConfig().unit("percentunit"))
+        .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Oranges")
+               .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.5).steps(64).fill("dark-orange").reverse(False))
+        .cell_gap(1)
+        .links(runbook_links("p10"))
+    )
+    return with_queries(panel, [Q(
+        f"sum by (le) (rate(specdec_request_acceptance_rate_bucket{{{MBP}}}[$__rate_interval]))",
+        "{{le}}", heatmap=True)])
+
+
+def latency_row() -> list:
+    def pct(kind: str, title: str, description: str):
+        return ts(title, description, [
+            Q(f"namespace_model_temperature_bucket:specdec_request_{kind}_seconds:{p}_rate5m{{{MB}}}",
+              f"{{{{model}}}} {{{{temperature_bucket}}}} {p.upper()}")
+            for p in ("p50", "p95", "p99")
+        ], "s", ("tpot", "near"), w=8)
+
+    return [
+        pct("ttft", "TTFT P50 / P95 / P99 by temperature bucket",
+            "Time to first token of streamed requests as clients see it through the tap, per bucket. The draft "
+            "adds prefill work; compare with the same hour a day or a week earlier."),
+        pct("tpot", "TPOT P50 / P95 / P99 by temperature bucket",
+            "Time per output token of streamed requests per bucket. Where speculation helps TPOT falls; where "
+            "acceptance is low it rises above what the target alone would do."),
+        ts("TPOT P99/P50 now and a day earlier",
+           "The gap between the TPOT tail and median against its value 24h earlier and the alert's line "
+           "(1.5x). Mixed workloads widen it: high-acceptance requests speed up the median while low-acceptance "
+           "requests batched with them slow the tail.",
+           [Q(TPOT_GAP, "{{model}} now"),
+            Q(f"{TPOT_GAP} offset 1d", "{{model}} a day earlier"),
+            Q(f"1.5 * ({TPOT_GAP} offset 1d)", "{{model}} alert above this")],
+           "short", ("tpot",), w=8, styles=[dashed("/.* alert above this$/", "red")]),
+    ]
+
+
+def kv_row() -> list:
+    return [
+        ts("KV cache usage (fullest pod)",
+           "KV cache in use on the fullest pod per model. The draft's weights and layers come out of the same "
+           "KV budget, so speculation directly reduces how many requests fit. The alert fires above 90% with "
+           "requests waiting.",
+           [Q(f"namespace_model:specdec_kv_cache_usage:max{{{M}}}", "{{model}}")],
+           "percentunit", ("kv",), w=6),
+        ts("Requests running and waiting",
+           "Requests waiting for a slot (recorded) and running, summed over pods. KV usage hurts only when work "
+           "queues behind it.",
+           [Q(f"namespace_model:specdec_requests_waiting:sum{{{M}}}", "{{model}} waiting"),
+            Q(f"sum by (namespace, model) (specdec_requests_running{{{MP}}})", "{{model}} running")],
+           "short", ("kv",), w=6),
+        ts("Preemptions per second",
+           "Requests vLLM preempted because the KV cache ran out (recorded fleet rate). Preempted requests are "
+           "recomputed, which costs far more than speculation saves.",
+           [Q(f"namespace_model:specdec_preemptions:rate5m{{{M}}}", "{{model}}")],
+           "short", ("preempt",), w=6),
+        ts("KV cache capacity per pod",
+           "KV cache size in tokens per pod (vLLM's cache_config_info). A draft costs KV twice: its weights "
+           "shrink the budget and its layers make every token's KV larger; a step down here after a draft "
+           "change is that cost.",
+           [Q(f"specdec_kv_cache_capacity_tokens{{{MP}}}", "{{pod}} {{model}}")],
+           "short", ("kv",), w=6),
+    ]
+
+
+def health_row() -> list:
+    up_mappings = [dm.ValueMap(options={
+        "0": dm.ValueMappingResult(text="DOWN", color="red", index=0),
+        "1": dm.ValueMappingResult(text="up", color="green", index=1),
+    })]
+    up = with_queries(
+        stat.Panel()
+        .title("Sidecars scraped and reading vLLM")
+        .description(
+            "Per pod: whether Prometheus scrapes the sidecar (up) and whether the sidecar's last poll of vLLM's "
+            "/metrics succeeded (specdec_upstream_up). While vLLM is unreachable the sidecar's derived series "
+            "are absent, not frozen.")
+        .datasource(DS)
+        .no_value("No sidecar scraped")
+        .span(8)
+        .height(6)
+        .mappings(up_mappings)
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .links(runbook_links("upstream", "absent")),
+        [Q(f'up{{job="specdec-sidecar", {P}}}', "scrape {{pod}}", instant=True),
+         Q(f"specdec_upstream_up{{{P}}}", "vLLM {{pod}}", instant=True)],
+    )
+    return [
+        up,
+        ts("Sidecar polls of vLLM: errors and restarts",
+           "Failed polls per second by reason (connect, timeout, http_status, parse) and vLLM restarts seen "
+           "(a counter went down).",
+           [Q(f"sum by (pod, reason) (rate(specdec_upstream_scrape_errors_total{{{P}}}[$__rate_interval]))",
+              "{{pod}} {{reason}}"),
+            Q(f"sum by (pod) (rate(specdec_upstream_counter_resets_total{{{P}}}[$__rate_interval]))",
+              "{{pod}} vLLM restarts")],
+           "short", ("upstream",), w=8),
+        ts("Poll duration P99 and age of the last good poll",
+           "How long the sidecar's polls of vLLM take, and seconds since the last one that succeeded.",
+           [Q(f"histogram_quantile(0.99, sum by (pod, le) "
+              f"(rate(specdec_upstream_scrape_duration_seconds_bucket{{{P}}}[$__rate_interval])))",
+              "{{pod}} poll P99"),
+            Q(f"time() - specdec_upstream_last_success_timestamp_seconds{{{P}}}", "{{pod}} since last good poll")],
+           "s", ("upstream",), w=8),
+        ts("Requests whose acceptance could not be attributed",
+           "Requests through the tap without per-request acceptance, by reason. no_spec_metrics means vLLM "
+           "runs without --per-request-spec-decode-metrics; the per-bucket panels then miss those requests.",
+           [Q(f"sum by (reason) (rate(specdec_requests_unattributed_total{{{P}}}[$__rate_interval]))",
+              "{{reason}}")],
+           "reqps", ("bucket",)),
+        table_panel(
+            "Each sidecar's own verdict",
+            "What each pod's sidecar decides on its own (specdec_verdict, specdec_bucket_verdict) over its "
+            "--verdict-window with its own thresholds; the fleet verdicts above are token-weighted across pods.",
+            [Q(f"specdec_verdict{{{MP}}} == 1"),
+             Q(f"specdec_bucket_verdict{{{MBP}}} == 1")],
+            ("below", "bucket"),
+            {"pod": "pod", "model": "model", "temperature_bucket": "temperature bucket", "verdict": "verdict"},
+            {},
+            hidden=("__name__", "Value #A", "Value #B", "job", "instance", "namespace"),
+        ),
+    ]
+
+
+def build_overview() -> dash.Dashboard:
+    builder = (
+        dash.Dashboard("Speculative decoding: is it paying off?")
+        .uid("specdec-overview")
+        .description(
+            "specdec-sidecar: the verdict per model and temperature bucket, acceptance against break-even, "
+            "latency by bucket, KV pressure and sidecar health. Generated by tools/dashboards.py; edit the code, "
+            "not this JSON.")
+        .tags(["specdec", "vllm", "speculative-decoding"])
+        .editable()
+        .time("now-6h", "now")
+        .refresh("30s")
+        .timezone("browser")
+        .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+        .link(dash.DashboardLink("Runbooks").type(dm.DashboardLinkType.LINK).url("${runbook_base}")
+              .target_blank(True).icon("doc"))
+        .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(query_var("namespace", "Namespace", "label_values(specdec_build_info, namespace)"))
+        .with_variable(query_var("model", "Model", 'label_values(specdec_verdict{namespace=~"$namespace"}, model)'))
+        .with_variable(query_var("pod", "Pod", 'label_values(specdec_build_info{namespace=~"$namespace"}, pod)'))
+        .with_variable(query_var(
+            "temperature_bucket", "Temperature bucket",
+            'label_values(specdec_requests_total{namespace=~"$namespace", model=~"$model"}, temperature_bucket)'))
+        .with_variable(dash.TextBoxVariable("runbook_base").label("Runbook base URL").default_value(RUNBOOK_BASE)
+                       .description("Where docs/runbooks.md is served; panel links append #<alert name>."))
+    )
+    rows = [
+        ("Verdict: keep speculation on?", verdict_row()),
+        ("Acceptance against break-even", acceptance_row()),
+        ("Latency by temperature bucket (streamed requests)", latency_row()),
+        ("KV pressure", kv_row()),
+        ("Sidecar and upstream health", health_row()),
+    ]
+    next_id = 1
+    for title, panels in rows:
+        builder = builder.with_row(dash.Row(title).id(next_id))
+        next_id += 1
+        for panel in panels:
+            builder = builder.with_panel(panel.id(next_id))
+            next_id += 1
+    return builder
+
+
+def query_var(name: str, label: str, query: str) -> dash.QueryVariable:
+    return (
+        dash.QueryVariable(name)
+        .label(label)
+        .datasource(DS)
+        .query(query)
+        .definition(query)
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(True)
+        .include_all(True)
+        .all_value(".*")
+        .current(dm.VariableOption(selected=True, text="All", value="$__all"))
+    )
+
+
+DASHBOARDS = {"specdec-overview.json": build_overview}
+
+
+def render(build) -> str:
+    return json.dumps(build().build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
+
+
+# --- checks ---------------------------------------------------------------------------------------------------
+
+PROMQL_KEYWORDS = {
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+    "inf", "nan",
+}
+# Series Prometheus itself defines.
+PROMETHEUS_BUILTINS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
+
+
+def defined_metric_names() -> tuple[set[str], set[str]]:
+    """(exact names, prefixes) anyone defines: the README table, the recording rules, what the sidecar reads."""
+    import yaml
+
+    sys.path.insert(0, str(REPO))
+    from sidecar.upstream.vllm_metrics import WANTED
+
+    names: set[str] = set(PROMETHEUS_BUILTINS) | set(WANTED)
+    prefixes: set[str] = set()
+    readme = (REPO / "README.md").read_text()
+    for name, kind in re.findall(r"^\| `(specdec_[a-z_*]+)` \| ([a-z ()A-Za-z]+?) \|", readme, re.M):
+        if name.endswith("*"):
+            prefixes.add(name.rstrip("*"))
+        elif kind.strip() == "histogram":
+            names.update({name + "_bucket", name + "_sum", name + "_count"})
+        else:
+            names.add(name)
+    for group in yaml.safe_load((REPO / "alerts" / "recording-rules.yaml").read_text())["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                names.add(rule["record"])
+    return names, prefixes
+
+
+def metric_names(expr: str) -> set[str]:
+    """Series names a PromQL expression selects (functions, keywords, label lists and matchers removed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)           # strings
+    text = re.sub(r"\{[^}]*\}", "", text)                     # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)                    # range selectors
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    text = re.sub(r"\boffset\s+\w+", " ", text)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word = m.group(0)
+        rest = text[m.end():].lstrip()
+        if rest.startswith("(") or word.lower() in PROMQL_KEYWORDS:
+            continue
+        if m.start() > 0 and (text[m.start() - 1].isdigit() or text[m.start() - 1] in "$."):
+            continue  # 1e3, $variables
+        names.add(word)
+    return names
+
+
+def unguarded_divisions(expr: str) -> list[str]:
+    """Each ``/`` must divide by a parenthesised expression that ends in ``> 0`` (idle -> absent, not NaN)."""
+    problems = []
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    for m in re.finditer(r"/", text):
+        rest = text[m.end():]
+        rest = re.sub(r"^\s*(on|ignoring)\s*\([^)]*\)\s*(group_left|group_right)?\s*(\([^)]*\))?", "", rest)
+        rest = rest.lstrip()
+        if not rest.startswith("("):
+            problems.append(f"division without a guarded denominator: ...{text[m.start():m.start() + 60]!r}")
+            continue
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += ch == "("
+            depth -= ch == ")"
+            if depth == 0:
+                inner = rest[1:i].rstrip()
+                if not re.search(r">\s*0$", inner):
+                    problems.append(f"denominator not guarded with '> 0': ({inner[-60:]})")
+                break
+    return problems
+
+
+def panels_of(model: dict) -> Iterator[dict]:
+    for panel in model.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def problems_in(model: dict, defined: tuple[set[str], set[str]], runbook_anchors: set[str]) -> list[str]:
+    names, prefixes = defined
+    problems = []
+    variables = {v["name"] for v in model.get("templating", {}).get("list", [])}
+    for needed in ("datasource", "namespace", "model", "pod", "temperature_bucket", "runbook_base"):
+        if needed not in variables:
+            problems.append(f"missing variable {needed}")
+    ids = [p.get("id") for p in panels_of(model)]
+    if len(ids) != len(set(ids)) or None in ids:
+        problems.append(f"panel ids not unique: {ids}")
+    for panel in panels_of(model):
+        if panel.get("type") == "row":
+            continue
+        title = panel.get("title", "?")
+        if panel.get("datasource", {}).get("uid") != "${datasource}":
+            problems.append(f"{title}: panel datasource is not the datasource variable")
+        links = [link["url"] for link in panel.get("links", [])]
+        if not links:
+            problems.append(f"{title}: no runbook link")
+        for url in links:
+            anchor = url.split("#", 1)[-1]
+            if not url.startswith("${runbook_base}#") or anchor not in runbook_anchors:
+                problems.append(f"{title}: link {url} is not a runbook section")
+        for t in panel.get("targets", []):
+            expr = t["expr"]
+            where = f"{title} [{t['refId']}]"
+            if t.get("datasource", {}).get("uid") != "${datasource}":
+                problems.append(f"{where}: query datasource is not the datasource variable")
+            for name in metric_names(expr):
+                if name not in names and not any(name.startswith(p) for p in prefixes):
+                    problems.append(f"{where}: metric {name} is not defined anywhere")
+            for window in re.findall(r"\[([^\]]+)\]", re.sub(r"\{[^}]*\}", "", expr)):
+                if window != "$__rate_interval":
+                    problems.append(f"{where}: range [{window}] instead of [$__rate_interval]")
+            problems += [f"{where}: {p}" for p in unguarded_divisions(expr)]
+            for var in re.findall(r"\$(\w+)", expr):
+                if var not in variables and not var.startswith("__"):
+                    problems.append(f"{where}: unknown variable ${var}")
+    return problems
+
+
+def runbook_anchors() -> set[str]:
+    text = (REPO / "docs" / "runbooks.md").read_text()
+    return {h.strip().lower().replace(" ", "-") for h in re.findall(r"^##+ (.+)$", text, re.M)}
+
+
+def check(out: Path) -> list[str]:
+    problems = []
+    defined = defined_metric_names()
+    anchors = runbook_anchors()
+    for name, build in DASHBOARDS.items():
+        text = render(build)
+        path = out / name
+        if not path.exists():
+            problems.append(f"{path} is missing: run make dashboards")
+        elif path.read_text() != text:
+            problems.append(f"{path} differs from what tools/dashboards.py builds: run make dashboards")
+        problems += [f"{name}: {p}" for p in problems_in(json.loads(text), defined, anchors)]
+    extra = {p.name for p in out.glob("*.json")} - set(DASHBOARDS)
+    problems += [f"{out / n} is not built by tools/dashboards.py" for n in sorted(extra)]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=OUT, help="directory of the dashboard JSON (default dashboards/)")
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on any problem")
+    args = parser.parse_args(argv)
+    if args.check:
+        problems = check(args.out)
+        for p in problems:
+            print(p, file=sys.stderr)
+        return 1 if problems else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, build in DASHBOARDS.items():
+        (args.out / name).write_text(render(build))
+        print(f"wrote {args.out / name}")
+    problems = check(args.out)
+    for p in problems:
+        print(p, file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
