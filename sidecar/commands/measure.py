@@ -362,23 +362,27 @@ def _speedup(s: dict | None) -> str:
 
 
 def render(results: dict) -> list:
+    paired = results["baseline_url"] is not None
     table = Table(title=f"specdec-sidecar measure: {results['model']} ({results['prompts']} prompts, "
                         f"{results['max_tokens']} tokens)", title_justify="left")
-    columns = ("T", "C", "server", "req", "err", "acceptance", "P10", "P50", "P90", "TTFT P50 ms",
-               "TPOT P50 ms", "TPOT P99 ms", "tok/s", "TPOT speed-up", "throughput speed-up", "verdict")
+    columns = ["T", "C", "server", "req", "err", "accept.", "P10/P50/P90", "TTFT P50", "TPOT P50/P99", "tok/s"]
+    if paired:
+        columns += ["throughput speed-up [95% CI]", "TPOT speed-up [95% CI]", "verdict"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("server", "verdict") else "right")
     for row in results["cells"]:
-        s = row["speedup"]
-        verdict = Text(s["verdict"], style=VERDICT_STYLE[s["verdict"]]) if s else Text("")
-        table.add_row(
+        cells = [
             f"{row['temperature']:g}", str(row["concurrency"]), row["server"], str(row["requests"]),
-            str(row["errors"]) if row["errors"] else "", _pct(row["acceptance_rate"]), _pct(row["acceptance_p10"]),
-            _pct(row["acceptance_p50"]), _pct(row["acceptance_p90"]), _ms(row["ttft_p50_s"]), _ms(row["tpot_p50_s"]),
-            _ms(row["tpot_p99_s"]),
+            str(row["errors"]) if row["errors"] else "", _pct(row["acceptance_rate"]),
+            "/".join(_pct(row[f"acceptance_p{q}"]) for q in (10, 50, 90)) if row["acceptance_p50"] is not None else "—",
+            f"{_ms(row['ttft_p50_s'])} ms", f"{_ms(row['tpot_p50_s'])}/{_ms(row['tpot_p99_s'])} ms",
             "—" if row["output_tokens_per_second"] is None else f"{row['output_tokens_per_second']:.0f}",
-            _speedup(s and s["tpot"]), _speedup(s and s["throughput"]), verdict,
-        )
+        ]
+        if paired:
+            s = row["speedup"]
+            cells += [_speedup(s and s["throughput"]), _speedup(s and s["tpot"]),
+                      Text(s["verdict"], style=VERDICT_STYLE[s["verdict"]]) if s else Text("")]
+        table.add_row(*cells)
     out: list = [table]
     fit = results.get("break_even_fit")
     if fit:
@@ -426,7 +430,10 @@ def write_outputs(plan: Plan, results: dict, records: list[RequestRecord]) -> li
 
 
 def run_measure(args: argparse.Namespace, console: Console | None = None) -> int:
-    console = console or Console(stderr=False)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=170)  # logs and CI: the table's full width rather than ellipses
     try:
         plan = plan_from(args)
     except SettingError as error:
