@@ -17,18 +17,23 @@ import argparse
 import json
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from grafana_foundation_sdk.builders import common as common_b
-from grafana_foundation_sdk.builders import dashboard as dash
-from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
-from grafana_foundation_sdk.cog.encoder import JSONEncoder
-from grafana_foundation_sdk.models import common
-from grafana_foundation_sdk.models import dashboard as dm
-from grafana_foundation_sdk.models import heatmap as hm
-from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+# The classic dashboard JSON (schema v1) is what every Grafana imports through the UI, file provisioning and
+# the Helm chart's ConfigMaps; the SDK warns on import that the v2 schema (Grafana 12+) exists.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "Prefer using dashboardv2", DeprecationWarning)
+    from grafana_foundation_sdk.builders import common as common_b
+    from grafana_foundation_sdk.builders import dashboard as dash
+    from grafana_foundation_sdk.builders import heatmap, prometheus, stat, table, timeseries
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.models import common
+    from grafana_foundation_sdk.models import dashboard as dm
+    from grafana_foundation_sdk.models import heatmap as hm
+    from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "dashboards"
