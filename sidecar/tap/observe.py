@@ -19,11 +19,37 @@ Per-request acceptance, in order of preference:
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 
 from sidecar.decision import clamped_ratio
 
 OBSERVED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
+
+
+class Budget:
+    """Bytes held by observers across all in-flight requests: one request's body or buffered response may
+    take at most ``max_observed_body``, all of them together at most ``limit``. Beyond it a request passes
+    through unobserved (``body_too_large`` / ``response_too_large``), so memory stays bounded whatever the
+    concurrency."""
+
+    __slots__ = ("limit", "held")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held = max(0, self.held - size)
+
+
+UNLIMITED = Budget(1 << 62)
 
 
 @dataclass(slots=True)
@@ -38,15 +64,40 @@ class RequestInfo:
     parse_error: str | None = None
 
 
-def read_request(endpoint: str, body: bytes | None) -> RequestInfo:
-    """The fields that matter from a request body; never raises."""
+def decoded_body(body: bytes, encoding: str, limit: int) -> tuple[bytes | None, str | None]:
+    """A request body as the upstream will read it, for observation only (the proxy forwards the original
+    bytes): ``(body, None)``, or ``(None, reason)`` when the encoding is unknown, the data is corrupt or it
+    inflates beyond *limit*."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body, None
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        return None, "unparsable_request"
+    # wbits 47: zlib or gzip header, detected; raw deflate (some clients send it as "deflate") is tried next.
+    for wbits in (47, -15):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)
+        except zlib.error:
+            continue
+        if len(out) > limit or inflater.unconsumed_tail:
+            return None, "body_too_large"
+        if not inflater.eof:
+            return None, "unparsable_request"
+        return out, None
+    return None, "unparsable_request"
+
+
+def read_request(endpoint: str, body: bytes | None, reason: str | None = None) -> RequestInfo:
+    """The fields that matter from a request body; never raises. *body* None means it was not kept
+    (*reason* says why, ``body_too_large`` by default)."""
     info = RequestInfo(endpoint=endpoint)
     if body is None:
-        info.parse_error = "body_too_large"
+        info.parse_error = reason or "body_too_large"
         return info
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         info.parse_error = "unparsable_request"
         return info
     if not isinstance(data, dict):
@@ -131,9 +182,19 @@ def _has_content(choice: object) -> bool:
     return False
 
 
+def _is_error_event(event: dict) -> bool:
+    """vLLM's mid-stream error: ``{"error": {...}}`` (current), ``{"object": "error", ...}`` (older), or a
+    Responses API ``error`` / ``response.failed`` event."""
+    return (
+        "error" in event and event["error"] not in (None, {}, "")
+        or event.get("object") == "error"
+        or event.get("type") in ("error", "response.failed")
+    )
+
+
 @dataclass(slots=True)
 class Outcome:
-    """What one request came to; filled in by the observers, read once when the response ends."""
+    """What one request came to; filled in by the proxy and the observers, read once when it ends."""
 
     status: int = 0
     completion_tokens: int | None = None
@@ -143,13 +204,18 @@ class Outcome:
     content_chunks: int = 0
     unattributed: str | None = None
     finished: bool = False
+    # The upstream answered 2xx and then sent an error event in the stream (``unattributed`` says
+    # ``stream_error``): not a success, whatever the status.
+    stream_error: bool = False
 
 
 class BodyObserver:
-    """Non-streaming JSON body: keep up to ``limit`` bytes, read usage and metrics at the end."""
+    """Non-streaming JSON body: keep up to ``limit`` bytes (the chunks the proxy forwarded, not copies),
+    charged to the shared *budget*; read usage and metrics at the end."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, budget: Budget = UNLIMITED) -> None:
         self._limit = limit
+        self._budget = budget
         self._parts: list[bytes] = []
         self._size = 0
         self._overflow = False
@@ -157,21 +223,30 @@ class BodyObserver:
     def feed(self, chunk: bytes, now: float, outcome: Outcome) -> None:
         if self._overflow:
             return
-        self._size += len(chunk)
-        if self._size > self._limit:
+        size = len(chunk)
+        if self._size + size > self._limit or not self._budget.take(size):
             self._overflow = True
-            self._parts.clear()
+            self.close()
             return
+        self._size += size
         self._parts.append(chunk)
+
+    def close(self) -> None:
+        """Give the held bytes back; safe to call more than once."""
+        self._budget.give(self._size)
+        self._size = 0
+        self._parts.clear()
 
     def finish(self, now: float, outcome: Outcome) -> None:
         outcome.finished = True
         if self._overflow:
             outcome.unattributed = "response_too_large"
             return
+        body = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        self.close()
         try:
-            data = json.loads(b"".join(self._parts))
-        except (ValueError, UnicodeDecodeError):
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             outcome.unattributed = "unparsable_response"
             return
         if not isinstance(data, dict):
@@ -185,43 +260,114 @@ class BodyObserver:
             outcome.unattributed = "no_spec_metrics"
 
 
+# Byte patterns of vLLM's compact JSON (no spaces after ':' or ','). Inside a JSON string every '"' is
+# escaped, so a key pattern that starts with '"' can only match the structure, never text a model wrote.
+_CONTENT_KEYS = (b'"text":"', b'"content":"', b'"reasoning_content":"', b'"reasoning":"')
+_QUOTE = 0x22
+_CLOSE_BRACKET = 0x5D
+
+
+def _content_fast(line: bytes) -> bool:
+    """Some choice carries non-empty text, reasoning or tool calls (compact JSON only)."""
+    for key in _CONTENT_KEYS:
+        at = line.find(key)
+        while at >= 0:
+            after = at + len(key)
+            if after < len(line) and line[after] != _QUOTE:
+                return True
+            at = line.find(key, after)
+    at = line.find(b'"tool_calls":[')
+    return at >= 0 and at + 14 < len(line) and line[at + 14] != _CLOSE_BRACKET
+
+
 class SseObserver:
-    """Server-sent events: count content chunks, keep the last usage and any speculative metrics."""
+    """Server-sent events: count content chunks, keep the last usage and any speculative metrics.
+
+    Only events that can change the outcome beyond a content count are parsed as JSON: for vLLM's compact
+    chunks, content is recognised from bytes (``"text":"x``, ``"content":"x``...), and of the chunks that
+    carry ``usage`` or ``metrics`` only the last of each is parsed, at the end of the stream. Error events,
+    Responses API events other than text deltas, and anything not in compact form are parsed as they
+    arrive."""
 
     MAX_LINE = 4 * 1024 * 1024
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = MAX_LINE, budget: Budget = UNLIMITED) -> None:
         self._buffer = b""
+        self._limit = limit
+        self._budget = budget
+        self._held = 0
         self._saw_usage = False
         self._broken = False
+        self._last_usage: bytes | None = None
+        self._last_spec: bytes | None = None
 
     def feed(self, chunk: bytes, now: float, outcome: Outcome) -> None:
         if self._broken:
             return
-        data = self._buffer + chunk
-        lines = data.split(b"\n")
-        self._buffer = lines.pop()
-        if len(self._buffer) > self.MAX_LINE:
-            self._broken = True
-            self._buffer = b""
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._keep(data)
             return
-        for line in lines:
-            self._line(line.rstrip(b"\r"), now, outcome)
+        self._keep(data[end + 1 :])
+        if self._broken:
+            return
+        for line in data[:end].split(b"\n"):
+            if line[:5] == b"data:":
+                self._line(line, now, outcome)
+
+    def _keep(self, rest: bytes) -> None:
+        """Hold an incomplete line; a line longer than the limit, or beyond the shared budget, ends the
+        observation of this stream (the bytes still flow)."""
+        size = len(rest)
+        if size > self._held and (size > self._limit or not self._budget.take(size - self._held)):
+            self._broken = True
+            rest, size = b"", 0
+        if size < self._held:
+            self._budget.give(self._held - size)
+        self._held = size
+        self._buffer = rest
+
+    def close(self) -> None:
+        self._budget.give(self._held)
+        self._held = 0
+        self._buffer = b""
+        self._last_usage = self._last_spec = None
 
     def _line(self, line: bytes, now: float, outcome: Outcome) -> None:
-        if not line.startswith(b"data:"):
+        if line.startswith(b"data: [DONE]"):
             return
-        payload = line[5:].strip()
-        if not payload or payload == b"[DONE]":
+        if b'"error"' in line or b'": ' in line or (
+            b'"type":"response.' in line and b'"type":"response.output_text.delta"' not in line
+        ):
+            self._parse(line, now, outcome)
             return
+        if b'"type":"response.output_text.delta"' in line:
+            at = line.find(b'"delta":"')
+            if at >= 0 and at + 9 < len(line) and line[at + 9] != _QUOTE:
+                self._content(now, outcome)
+        elif _content_fast(line):
+            self._content(now, outcome)
+        elif outcome.first_token_at is None and b'"finish_reason":"' in line:
+            # The only token was end-of-sequence (no text): it still arrived now, so TTFT is now. Not a
+            # content chunk, so the stream-steps count is untouched.
+            outcome.first_token_at = outcome.last_token_at = now
+        if b'"usage":{' in line:
+            self._last_usage = line
+        if b'"speculative_decoding"' in line:
+            self._last_spec = line
+
+    def _parse(self, line: bytes, now: float, outcome: Outcome) -> None:
+        """The general path: a full JSON parse of one event."""
         try:
-            event = json.loads(payload)
-        except (ValueError, UnicodeDecodeError):
+            event = json.loads(line[5:])
+        except (ValueError, UnicodeDecodeError, RecursionError):
             return
         if not isinstance(event, dict):
             return
-        # /v1/responses wraps the final object: {"type": "response.completed", "response": {...}}
-        inner = event.get("response") if isinstance(event.get("response"), dict) else None
+        if _is_error_event(event):
+            outcome.stream_error = True
+            return
         if event.get("type") == "response.output_text.delta" and event.get("delta"):
             self._content(now, outcome)
         choices = event.get("choices")
@@ -230,19 +376,31 @@ class SseObserver:
         elif outcome.first_token_at is None and isinstance(choices, list) and any(
             isinstance(c, dict) and c.get("finish_reason") for c in choices
         ):
-            # The only token was end-of-sequence (no text): it still arrived now, so TTFT is now. Not a
-            # content chunk, so the stream-steps count is untouched.
             outcome.first_token_at = outcome.last_token_at = now
+        inner = event.get("response")
         for obj in (event, inner):
-            if obj is None:
-                continue
-            tokens = _completion_tokens(obj)
-            if tokens is not None:
-                self._saw_usage = True
-                outcome.completion_tokens = tokens
-            spec = spec_from_vllm(obj)
-            if spec is not None:
-                outcome.spec = spec
+            if isinstance(obj, dict):
+                if isinstance(obj.get("usage"), dict):
+                    self._last_usage = line
+                if isinstance(obj.get("metrics"), dict):
+                    self._last_spec = line
+
+    @staticmethod
+    def _meta(line: bytes | None) -> tuple[int | None, SpecStats | None]:
+        """Completion tokens and speculative metrics of one event (a wrapped ``response`` wins)."""
+        if line is None:
+            return None, None
+        try:
+            event = json.loads(line[5:])
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None, None
+        tokens, spec = None, None
+        for obj in (event, event.get("response") if isinstance(event, dict) else None):
+            if isinstance(obj, dict):
+                if (found := _completion_tokens(obj)) is not None:
+                    tokens = found
+                spec = spec_from_vllm(obj) or spec
+        return tokens, spec
 
     @staticmethod
     def _content(now: float, outcome: Outcome) -> None:
@@ -253,10 +411,20 @@ class SseObserver:
 
     def finish(self, now: float, outcome: Outcome) -> None:
         outcome.finished = True
-        if self._buffer and not self._broken:
+        if self._buffer and not self._broken and self._buffer[:5] == b"data:":
             self._line(self._buffer.rstrip(b"\r"), now, outcome)
-            self._buffer = b""
-        if outcome.spec is not None:
+        tokens, spec = self._meta(self._last_usage)
+        if self._last_spec is not self._last_usage:
+            spec = self._meta(self._last_spec)[1]
+        self.close()
+        if tokens is not None:
+            self._saw_usage = True
+            outcome.completion_tokens = tokens
+        if outcome.stream_error:
+            outcome.unattributed = "stream_error"
+            return
+        if spec is not None:
+            outcome.spec = spec
             return
         if self._broken:
             outcome.unattributed = "unparsable_response"
