@@ -20,10 +20,11 @@ from prometheus_client.exposition import choose_encoder
 from sidecar import __version__
 from sidecar.export.collector import HealthCollector
 from sidecar.export.status_page import StatusPage
-from sidecar.config import Settings
+from sidecar.config import Settings, redact_url
 from sidecar.upstream.monitor import Monitor
-from sidecar.tap.proxy import Proxy, create_proxy_app
-from sidecar.tap.metrics import ModelNames, RequestMetrics
+from sidecar.tap.proxy import Proxy, proxy_runner, upstream_connector
+from sidecar.model_names import ModelNames, served_names
+from sidecar.tap.metrics import RequestMetrics
 from sidecar.upstream.scrape import Scraper
 
 log = structlog.get_logger("sidecar.app")
@@ -31,6 +32,7 @@ log = structlog.get_logger("sidecar.app")
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+POLL_SESSION = web.AppKey("poll_session", aiohttp.ClientSession)
 MONITOR = web.AppKey("monitor", Monitor)
 REQUESTS = web.AppKey("requests", RequestMetrics)
 MODEL_NAMES = web.AppKey("model_names", ModelNames)
@@ -64,26 +66,37 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # The proxy's session forwards bodies as they are (no decompression); the poll session is the
+    # sidecar's own client of vLLM and decodes what it asks for (gzip).
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+        # Idle connections retire after --upstream-keepalive, before vLLM (uvicorn, 5 s) closes them.
+        connector=upstream_connector(settings.upstream_keepalive),
         auto_decompress=False,
         # 16 KiB per upstream connection instead of aiohttp's 64 KiB: under 64 streams flooding events, peak
         # RSS fell from 79 to 70 MB in bench/bench_proxy.py with the chunk-rate target still met.
         read_bufsize=16 * 1024,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
+    poll_session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=settings.upstream_keepalive),
+        auto_decompress=True,
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
     app[SESSION] = session
+    app[POLL_SESSION] = poll_session
     monitor = Monitor(
         settings,
-        Scraper(session, settings.upstream, settings.scrape_timeout),
+        Scraper(poll_session, settings.upstream, settings.scrape_timeout, api_key=settings.api_key),
         app[REGISTRY],
         on_tick=app[REQUESTS].checkpoint,
         bucket_deltas=app[REQUESTS].bucket_deltas,
+        on_models=app[MODEL_NAMES].update_scraped,
     )
     app[MONITOR] = monitor
     app[REGISTRY].register(HealthCollector(lambda: monitor.state, settings))
     yield
     await session.close()
+    await poll_session.close()
 
 
 async def _poll_loop(app: web.Application) -> AsyncIterator[None]:
@@ -96,21 +109,37 @@ async def _poll_loop(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _refresh_models(app: web.Application) -> None:
-    """Keep the model label set equal to what vLLM serves (bounded; unknown names become ``other``)."""
-    settings, session = app[SETTINGS], app[SESSION]
+    """Keep the model label set equal to what vLLM serves (bounded; unknown names become ``other``).
+
+    Without the API key a vLLM run with ``--api-key`` answers 401 here: logged once, and the names then come
+    from the ``model_name`` values of ``/metrics`` alone (see ``model_names.py``).
+    """
+    settings, session = app[SETTINGS], app[POLL_SESSION]
     url = settings.upstream + "/v1/models"
+    key = settings.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    last_problem: str | None = None
     while True:
+        problem = None
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=settings.scrape_timeout)) as resp:
+            timeout = aiohttp.ClientTimeout(total=settings.scrape_timeout)
+            async with session.get(url, timeout=timeout, headers=headers) as resp:
                 if resp.status == 200:
-                    data = await resp.json(content_type=None)
-                    names = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
-                    app[MODEL_NAMES].update_served(n for n in names if isinstance(n, str))
-                    await asyncio.sleep(MODEL_REFRESH_SECONDS)
-                    continue
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, AttributeError):
-            pass
-        await asyncio.sleep(settings.scrape_interval)
+                    names, aliases = served_names(await resp.json(content_type=None))
+                    app[MODEL_NAMES].update_served(names, aliases)
+                else:
+                    problem = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError) as error:
+            problem = type(error).__name__
+        if problem != last_problem and problem is not None:
+            log.warning(
+                "model_list_unavailable",
+                url=redact_url(url),
+                reason=problem,
+                hint="set --upstream-api-key-file" if problem in ("HTTP 401", "HTTP 403") else None,
+            )
+        last_problem = problem
+        await asyncio.sleep(MODEL_REFRESH_SECONDS if problem is None else max(settings.scrape_interval, 5.0))
 
 
 async def _model_refresher(app: web.Application) -> AsyncIterator[None]:
@@ -136,14 +165,12 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         max_observed_body=settings.max_observed_body,
         connect_timeout=settings.upstream_connect_timeout,
     )
-    # handler_cancellation: a client that disconnects cancels its handler at once, which closes the
-    # upstream connection so vLLM aborts the request instead of generating for nobody.
-    runner = web.AppRunner(create_proxy_app(proxy), access_log=None, handler_cancellation=True)
+    runner = proxy_runner(proxy)
     await runner.setup()
     site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, backlog=1024)
     await site.start()
     app[PROXY_PORT] = runner.addresses[0][1]
-    log.info("proxy_started", listen=f"{settings.proxy_host}:{app[PROXY_PORT]}", upstream=settings.upstream)
+    log.info("proxy_started", listen=f"{settings.proxy_host}:{app[PROXY_PORT]}", upstream=settings.upstream_for_logs)
     yield
     await runner.cleanup()
 

@@ -23,7 +23,9 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         default = info.get_default(call_default_factory=True)
-        if name in DURATION_FIELDS:
+        if name == "scrape_timeout":
+            shown = "min(3s, interval)"
+        elif name in DURATION_FIELDS:
             shown = ",".join(format_duration(v) for v in default) if isinstance(default, list) else format_duration(default)
         elif isinstance(default, list | tuple):
             shown = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default) or "unset"
@@ -85,7 +87,7 @@ async def _serve(settings: Settings) -> None:
     log.info(
         "sidecar_started",
         version=__version__,
-        upstream=settings.upstream,
+        upstream=settings.upstream_for_logs,
         metrics=[f"{addr[0]}:{addr[1]}" for addr in runner.addresses],
         scrape_interval=settings.scrape_interval,
         windows=settings.windows,

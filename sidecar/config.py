@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from sidecar.buckets import DEFAULT_EDGES, TemperatureBuckets, parse_edges
@@ -47,7 +48,23 @@ def format_duration(seconds: float) -> str:
 
 
 # Settings given as durations ("5s", "1m"): validated by parse_duration, shown by format_duration.
-DURATION_FIELDS = ("scrape_interval", "scrape_timeout", "windows", "verdict_window", "upstream_connect_timeout")
+DURATION_FIELDS = (
+    "scrape_interval", "scrape_timeout", "windows", "verdict_window", "upstream_connect_timeout", "upstream_keepalive",
+)  # fmt: skip
+
+
+DEFAULT_SCRAPE_TIMEOUT = 3.0
+
+
+def redact_url(url: str) -> str:
+    """*url* with any user-info replaced by ``***``: credentials never reach a log line."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rsplit("@", 1)[1]
+    return f"{scheme}://{authority}{slash}{path}"
 
 
 def _split_list(value: object) -> object:
@@ -69,7 +86,9 @@ class Settings(BaseSettings):
     metrics_host: str = Field("0.0.0.0", description="Address the sidecar's /metrics, /healthz, /readyz bind to.")
     metrics_port: int = Field(9464, ge=0, le=65535, description="Port for /metrics, /healthz, /readyz (0 = any free port).")
     scrape_interval: float = Field(5.0, description="How often the sidecar polls vLLM /metrics (e.g. 5s).")
-    scrape_timeout: float = Field(3.0, description="Timeout of one poll of vLLM /metrics; must not exceed the interval.")
+    scrape_timeout: float | None = Field(
+        None, description="Timeout of one poll of vLLM /metrics; at most the interval (unset = min(3s, interval))."
+    )
     windows: Annotated[list[float], NoDecode] = Field(
         default_factory=lambda: [60.0, 300.0, 900.0],
         description="Derivation windows, comma separated (e.g. 1m,5m,15m).",
@@ -101,6 +120,17 @@ class Settings(BaseSettings):
         4 * 1024 * 1024, ge=1024, description="Largest request or non-streamed response body (bytes) the tap parses."
     )
     upstream_connect_timeout: float = Field(5.0, description="Timeout to connect to vLLM for a proxied request.")
+    upstream_api_key: SecretStr | None = Field(
+        None,
+        description="vLLM's --api-key, sent as a bearer token on the sidecar's own requests (/v1/models, /metrics); "
+        "prefer the env var or the file. Proxied requests keep the client's own Authorization.",
+    )
+    upstream_api_key_file: str | None = Field(
+        None, description="File holding vLLM's API key (e.g. a mounted Secret); read once at start."
+    )
+    upstream_keepalive: float = Field(
+        4.0, description="Idle upstream connections of the proxy are closed after this (below vLLM's 5 s)."
+    )
     event_loop: Literal["asyncio", "uvloop"] = Field(
         "asyncio", description="Event loop: asyncio's own, or uvloop (pip install 'specdec-sidecar[uvloop]')."
     )
@@ -112,7 +142,7 @@ class Settings(BaseSettings):
     def _check_upstream(cls, value: str) -> str:
         value = value.strip().rstrip("/")
         if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+            raise ValueError("not an http(s) URL")
         return value
 
     @field_validator("temperature_edges", mode="before")
@@ -129,8 +159,23 @@ class Settings(BaseSettings):
 
     @field_validator(*(f for f in DURATION_FIELDS if f != "windows"), mode="before")
     @classmethod
-    def _duration(cls, value: object) -> float:
+    def _duration(cls, value: object) -> float | None:
+        if value is None:
+            return None
         return parse_duration(value)  # type: ignore[arg-type]
+
+    @field_validator("upstream_api_key_file")
+    @classmethod
+    def _key_file(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            key = Path(value).read_text().strip()
+        except OSError as error:
+            raise ValueError(f"cannot read {value!r}: {error.strerror}") from None
+        if not key:
+            raise ValueError(f"{value!r} is empty")
+        return value
 
     @field_validator("windows", mode="before")
     @classmethod
@@ -148,6 +193,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.scrape_timeout is None:  # as Prometheus does: the default timeout never exceeds the interval
+            self.scrape_timeout = min(DEFAULT_SCRAPE_TIMEOUT, self.scrape_interval)
+        if self.upstream_api_key is not None and self.upstream_api_key_file is not None:
+            raise ValueError("upstream_api_key and upstream_api_key_file are both set; give one")
         if self.scrape_timeout > self.scrape_interval:
             raise ValueError(
                 f"scrape_timeout ({format_duration(self.scrape_timeout)}) exceeds scrape_interval "
@@ -171,6 +220,20 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def api_key(self) -> str | None:
+        """The upstream API key from either setting (the file is read once, at start)."""
+        if self.upstream_api_key is not None:
+            return self.upstream_api_key.get_secret_value()
+        if self.upstream_api_key_file is not None:
+            return Path(self.upstream_api_key_file).read_text().strip()
+        return None
+
+    @property
+    def upstream_for_logs(self) -> str:
+        """The upstream URL without credentials (``http://user:pass@host`` logs as ``http://***@host``)."""
+        return redact_url(self.upstream)
+
+    @property
     def temperature_buckets(self) -> TemperatureBuckets:
         return TemperatureBuckets(self.temperature_edges, self.default_temperature)
 
@@ -189,6 +252,10 @@ def describe_validation_error(error: ValidationError) -> str:
         flag = "--" + field.replace("_", "-")
         env = "SPECDEC_" + field.upper()
         given = first.get("input")
+        if field == "upstream_api_key":
+            given = None  # a secret is never echoed
+        elif field == "upstream" and isinstance(given, str):
+            given = redact_url(given)
         shown = f" (got {given!r})" if given is not None and not isinstance(given, dict) else ""
         if first.get("type") == "extra_forbidden":
             return f"unknown setting {field!r}"

@@ -36,6 +36,7 @@ def vllm_exposition(request) -> str:
 
 async def serve_loopback(app: web.Application, port: int = 0, **runner_kw) -> tuple[web.AppRunner, int]:
     """Serve *app* on 127.0.0.1 (port 0 = any free one); returns the runner and the bound port."""
+    runner_kw.setdefault("access_log", None)  # the fakes' access lines are not the sidecar's logs
     runner = web.AppRunner(app, **runner_kw)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -74,3 +74,27 @@ def test_python_dash_m_entry_point_reports_bad_env():
 def test_durations_round_trip(text, seconds):
     assert parse_duration(text) == seconds
     assert parse_duration(format_duration(seconds)) == seconds
+
+
+def test_scrape_timeout_defaults_to_the_interval_when_shorter():
+    assert build_settings(scrape_interval="1s").scrape_timeout == 1.0  # used to exit 2: 3s > 1s
+    assert build_settings(scrape_interval="10s").scrape_timeout == 3.0
+    assert build_settings(scrape_interval="10s", scrape_timeout="8s").scrape_timeout == 8.0
+
+
+def test_api_key_from_file_and_bad_file(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("sk-abc\n")
+    assert build_settings(upstream_api_key_file=str(key)).api_key == "sk-abc"
+    assert build_settings(upstream_api_key="sk-x").api_key == "sk-x"
+    with pytest.raises(SettingsError, match="--upstream-api-key-file / SPECDEC_UPSTREAM_API_KEY_FILE"):
+        build_settings(upstream_api_key_file=str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="both set"):
+        build_settings(upstream_api_key="a", upstream_api_key_file=str(key))
+
+
+def test_secrets_are_not_echoed_in_errors():
+    with pytest.raises(SettingsError) as error:
+        build_settings(upstream="ftp://user:hunter2@host")
+    assert "hunter2" not in str(error.value) and "***@host" in str(error.value)
+    assert "sk-secret" not in repr(build_settings(upstream_api_key="sk-secret"))

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sidecar.buckets import TemperatureBuckets
+from sidecar.model_names import OTHER_MODEL, UNKNOWN_MODEL, ModelNames  # noqa: F401 (re-exported)
 from sidecar.upstream.derive import base_point, trim_history
 from sidecar.tap.observe import Outcome, RequestInfo
 
-OTHER_MODEL = "other"
-UNKNOWN_MODEL = "unknown"
 # The request body was not read (larger than --max-observed-body, or not a JSON object): its temperature is
 # unknown, which is not the same as ``invalid`` (a temperature that was read and is not a usable number).
 UNREAD_BUCKET = "unread"
@@ -58,8 +57,9 @@ UNATTRIBUTED_REASONS = (
 # as 0, not as an interpolated 5%; 1.0 because perfect requests are common (n-gram on repetitive text).
 ACCEPTANCE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0)
 # Streamed requests' time to first token and time per output token: roughly doubling steps over the range
-# vLLM serves in (tens of milliseconds to seconds; TPOT milliseconds to half a second).
-TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# vLLM serves in (TTFT tens of milliseconds to seconds, a P99 beyond 5 s reads as 5 s; TPOT milliseconds to
+# half a second).
+TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5)
 # Per model only (labels model, stream / model, source): a few series whatever the temperature buckets.
 E2E_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 90.0)
@@ -83,24 +83,6 @@ class Checkpoint:
 
     t: float
     totals: dict[tuple[str, str], BucketTotals]
-
-
-class ModelNames:
-    """The bounded set of model labels: a fixed allowlist, or what vLLM's /v1/models last said."""
-
-    def __init__(self, allowlist: Iterable[str] = ()) -> None:
-        self._fixed = frozenset(allowlist)
-        self._served: frozenset[str] = frozenset()
-
-    def update_served(self, names: Iterable[str]) -> None:
-        if not self._fixed:
-            self._served = frozenset(list(names)[:64])
-
-    def label(self, model: str | None) -> str:
-        if model is None:
-            return UNKNOWN_MODEL
-        allowed = self._fixed or self._served
-        return model if model in allowed else OTHER_MODEL
 
 
 class RequestMetrics:

@@ -82,6 +82,7 @@ class Monitor:
         clock: Callable[[], float] = time.monotonic,
         on_tick: Callable[[float], None] | None = None,
         bucket_deltas: Callable[[float, float], Mapping[BucketKey, BucketTotalsLike]] | None = None,
+        on_models: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self._scraper = scraper
@@ -93,6 +94,7 @@ class Monitor:
         self._last_error: ScrapeError | None = None
         self._on_tick = on_tick
         self._bucket_deltas = bucket_deltas
+        self._on_models = on_models
 
     def record(self, result: ScrapeResult, t: float) -> None:
         """Fold one scrape result into the history and publish a new state (synchronous, no I/O)."""
@@ -104,7 +106,7 @@ class Monitor:
             if self.state.up or self.state.scrapes == 0 or self._last_error != result.error:
                 log.warning(
                     "upstream_lost" if self.state.up else "upstream_unavailable",
-                    url=self._scraper.url,
+                    url=self._scraper.url_for_logs,
                     reason=result.error.value,
                     detail=result.detail,
                 )
@@ -118,11 +120,13 @@ class Monitor:
         if not self.state.up:
             log.info(
                 "upstream_up" if self.state.scrapes == 0 else "upstream_back",
-                url=self._scraper.url,
+                url=self._scraper.url_for_logs,
                 models=result.snapshot.models,
                 engines=len(result.snapshot.engines),
             )
         self._last_error = None
+        if self._on_models is not None:
+            self._on_models(result.snapshot.models)
         point = advance(self._points[-1] if self._points else None, t, result.snapshot)
         if point.resets:
             self.metrics.resets.inc(point.resets)

@@ -40,8 +40,12 @@ CACHE_FACTS = {
     "num_gpu_blocks": "num_blocks",
     "block_size": "block_size",
 }
-WANTED = frozenset([*COUNTERS, *GAUGES, PER_POSITION, CACHE_CONFIG])
+# Ray Serve's exporter prefixes every vLLM name with ``ray_``; such pages are read under vLLM's own names.
+RAY_PREFIX = "ray_"
+_NAMES = [*COUNTERS, *GAUGES, PER_POSITION, CACHE_CONFIG]
+WANTED = frozenset([*_NAMES, *(RAY_PREFIX + name for name in _NAMES)])
 DEFAULT_ENGINE = "0"
+RATIO_GAUGES = frozenset({"kv_usage", "kv_usage_v0"})  # 0..1 by definition: anything else is a broken reading
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +107,21 @@ def _number(text: str) -> float | None:
 
 
 def snapshot_from_exposition(exposition: Exposition) -> VllmSnapshot:
-    values: dict[SeriesKey, dict[str, object]] = {}
+    """One snapshot per (model, engine) from the wanted samples.
+
+    Several series of one name may map to one (model, engine) (labels the sidecar does not split on):
+    counters are added up (each process counts its own share); gauges are added up too, except those
+    labelled ``pid`` (one per API-server process, each reporting the same engine), of which the highest is
+    kept. A family with HELP/TYPE but no samples leaves its field absent (``None``), never 0.
+    """
+    values: dict[SeriesKey, dict[str, float]] = {}
+    per_pid: dict[tuple[SeriesKey, str], float] = {}
     positions: dict[SeriesKey, dict[int, float]] = {}
     cache_facts: dict[str, dict[str, float]] = {}
+    invalid = exposition.invalid_lines
 
     for sample in exposition.samples:
-        name = sample.name
+        name = sample.name.removeprefix(RAY_PREFIX)
         engine = sample.label("engine", DEFAULT_ENGINE) or DEFAULT_ENGINE
         if name == CACHE_CONFIG:
             facts = cache_facts.setdefault(engine, {})
@@ -130,20 +143,30 @@ def snapshot_from_exposition(exposition: Exposition) -> VllmSnapshot:
             per_pos = positions.setdefault(key, {})
             per_pos[position] = per_pos.get(position, 0.0) + value
             continue
-        attr = COUNTERS.get(name) or GAUGES[name]
+        counter = COUNTERS.get(name)
+        attr = counter or GAUGES[name]
+        if attr in RATIO_GAUGES and not 0.0 <= value <= 1.0:
+            invalid += 1  # e.g. a negative KV usage seen on a buggy build: dropped, not passed on
+            continue
+        if counter is None and sample.label("pid"):
+            slot = (key, attr)
+            per_pid[slot] = max(per_pid.get(slot, value), value)
+            continue
         fields = values.setdefault(key, {})
-        # Several series may map to one key (e.g. extra labels we do not split on): add them up.
-        fields[attr] = float(fields.get(attr, 0.0)) + value  # type: ignore[arg-type]
+        fields[attr] = fields.get(attr, 0.0) + value
+    for (key, attr), value in per_pid.items():
+        fields = values.setdefault(key, {})
+        fields[attr] = fields.get(attr, 0.0) + value
 
     engines: dict[SeriesKey, EngineSample] = {}
     for key in sorted(set(values) | set(positions)):
-        fields = dict(values.get(key, {}))
+        fields: dict[str, object] = dict(values.get(key, {}))
         fields.update(cache_facts.get(key[1], {}))
         per_pos = positions.get(key)
         if per_pos:
             fields["accepted_per_position"] = MappingProxyType(dict(sorted(per_pos.items())))
         engines[key] = EngineSample(**fields)  # type: ignore[arg-type]
-    return VllmSnapshot(engines=MappingProxyType(engines), invalid_lines=exposition.invalid_lines)
+    return VllmSnapshot(engines=MappingProxyType(engines), invalid_lines=invalid)
 
 
 def read_vllm_metrics(text: str) -> VllmSnapshot:
