@@ -1,0 +1,217 @@
+{{/*
+specdec-sidecar.name: the chart name, or nameOverride; truncated to 63 characters (DNS label limit).
+*/}}
+{{- define "specdec-sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+specdec-sidecar.fullname: the name of every resource: fullnameOverride, else "<release>-<chart name>"
+(just the release name when it already contains the chart name); truncated to 63 characters.
+*/}}
+{{- define "specdec-sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.chart: "<chart>-<version>" for the helm.sh/chart label.
+*/}}
+{{- define "specdec-sidecar.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+specdec-sidecar.labels: the standard labels every resource carries (selector labels included).
+*/}}
+{{- define "specdec-sidecar.labels" -}}
+helm.sh/chart: {{ include "specdec-sidecar.chart" . }}
+{{ include "specdec-sidecar.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+specdec-sidecar.selectorLabels: the immutable labels the Deployment, Service and monitors select pods by.
+*/}}
+{{- define "specdec-sidecar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "specdec-sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+specdec-sidecar.serviceAccountName: the ServiceAccount the pod runs as.
+*/}}
+{{- define "specdec-sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "specdec-sidecar.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.sidecarImage: "<repository>:<tag>", the tag defaulting to the chart's appVersion.
+*/}}
+{{- define "specdec-sidecar.sidecarImage" -}}
+{{- printf "%s:%s" .Values.sidecar.image.repository (default .Chart.AppVersion .Values.sidecar.image.tag) }}
+{{- end }}
+
+{{/*
+specdec-sidecar.settingValue: one sidecar setting as its flag value: lists joined by commas, numbers
+printed without exponent noise, strings as they are.
+*/}}
+{{- define "specdec-sidecar.settingValue" -}}
+{{- if kindIs "slice" . }}
+{{- $items := list }}
+{{- range . }}{{- $items = append $items (toString .) }}{{- end }}
+{{- join "," $items }}
+{{- else if kindIs "float64" . }}
+{{- if eq . (floor .) }}{{- printf "%d" (int64 .) }}{{- else }}{{- toString . }}{{- end }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.sidecarArgs: the `specdec-sidecar serve` arguments as a YAML list. Addresses come from the
+chart (upstream = vLLM on localhost, proxy on sidecar.proxyPort, metrics on sidecar.metricsPort); every
+non-null key of sidecar.settings becomes --kebab-case-flag=value; empty lists are left out (the sidecar's
+default applies). tests/test_helm.py parses the result with the sidecar's own argument parser.
+*/}}
+{{- define "specdec-sidecar.sidecarArgs" -}}
+- serve
+- --upstream=http://127.0.0.1:{{ .Values.vllm.port }}
+- --proxy-host=0.0.0.0
+- --proxy-port={{ .Values.sidecar.proxyPort }}
+- --metrics-host=0.0.0.0
+- --metrics-port={{ .Values.sidecar.metricsPort }}
+{{- range $key, $value := .Values.sidecar.settings }}
+{{- if and (not (kindIs "invalid" $value)) (not (and (kindIs "slice" $value) (eq (len $value) 0))) }}
+- {{ printf "--%s=%s" (kebabcase $key) (include "specdec-sidecar.settingValue" $value) | quote }}
+{{- end }}
+{{- end }}
+{{- range .Values.sidecar.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.vllmArgs: vLLM's server arguments as a YAML list. Always includes
+--per-request-spec-decode-metrics summary (per-request acceptance in responses) and
+--enable-force-include-usage (the final usage chunk, carrying those metrics, on every stream).
+*/}}
+{{- define "specdec-sidecar.vllmArgs" -}}
+- --model
+- {{ .Values.vllm.model | quote }}
+{{- with .Values.vllm.servedModelName }}
+- --served-model-name
+- {{ . | quote }}
+{{- end }}
+- --host
+- {{ .Values.vllm.listenHost | quote }}
+- --port
+- {{ .Values.vllm.port | quote }}
+{{- with .Values.vllm.speculativeConfig }}
+- --speculative-config
+- {{ toJson . | quote }}
+{{- end }}
+- --per-request-spec-decode-metrics
+- summary
+- --enable-force-include-usage
+{{- range .Values.vllm.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.vllmProbeAction: how the vLLM probes reach vLLM's /health. With vLLM bound to 127.0.0.1 the
+kubelet cannot reach it (it connects to the pod IP), so the check runs inside the vLLM container with the
+image's own Python; otherwise an ordinary httpGet on the internal port.
+*/}}
+{{- define "specdec-sidecar.vllmProbeAction" -}}
+{{- if eq .Values.vllm.listenHost "127.0.0.1" }}
+exec:
+  command:
+    - python3
+    - -c
+    - {{ printf "import urllib.request; urllib.request.urlopen('http://127.0.0.1:%v/health', timeout=%v)" .Values.vllm.port .Values.vllm.probes.timeoutSeconds | quote }}
+{{- else }}
+httpGet:
+  path: /health
+  port: vllm
+{{- end }}
+timeoutSeconds: {{ .Values.vllm.probes.timeoutSeconds }}
+{{- end }}
+
+{{/*
+specdec-sidecar.sidecarContainer: the sidecar container spec (list item), used as a native sidecar (init
+container with restartPolicy: Always) or as a second container.
+*/}}
+{{- define "specdec-sidecar.sidecarContainer" -}}
+- name: specdec-sidecar
+  image: {{ include "specdec-sidecar.sidecarImage" . | quote }}
+  imagePullPolicy: {{ .Values.sidecar.image.pullPolicy }}
+  {{- if .Values.sidecar.native }}
+  restartPolicy: Always
+  {{- end }}
+  args:
+    {{- include "specdec-sidecar.sidecarArgs" . | nindent 4 }}
+  {{- with .Values.sidecar.env }}
+  env:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  ports:
+    - name: http
+      containerPort: {{ .Values.sidecar.proxyPort }}
+      protocol: TCP
+    - name: specdec-metrics
+      containerPort: {{ .Values.sidecar.metricsPort }}
+      protocol: TCP
+  livenessProbe:
+    httpGet:
+      path: /healthz
+      port: specdec-metrics
+    periodSeconds: {{ .Values.sidecar.probes.periodSeconds }}
+    failureThreshold: {{ .Values.sidecar.probes.failureThreshold }}
+    timeoutSeconds: {{ .Values.sidecar.probes.timeoutSeconds }}
+  readinessProbe:
+    httpGet:
+      path: /readyz
+      port: specdec-metrics
+    periodSeconds: {{ .Values.sidecar.probes.periodSeconds }}
+    failureThreshold: {{ .Values.sidecar.probes.failureThreshold }}
+    timeoutSeconds: {{ .Values.sidecar.probes.timeoutSeconds }}
+  resources:
+    {{- toYaml .Values.sidecar.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.sidecar.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: sidecar-tmp
+      mountPath: /tmp
+{{- end }}
+
+{{/*
+specdec-sidecar.monitorRelabelings: relabelings shared by the ServiceMonitor and the PodMonitor: the job is
+always "specdec-sidecar" (alerts/ selects it by that name) and namespace is the target's namespace.
+Argument: the monitor's values (serviceMonitor or podMonitor).
+*/}}
+{{- define "specdec-sidecar.monitorRelabelings" -}}
+- action: replace
+  targetLabel: job
+  replacement: specdec-sidecar
+- action: replace
+  sourceLabels: [__meta_kubernetes_namespace]
+  targetLabel: namespace
+{{- with .relabelings }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
