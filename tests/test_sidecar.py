@@ -121,7 +121,8 @@ async def test_upstream_vanishes_then_returns_with_reset_counters(sidecar, fake_
     ("setup", "reason"),
     [
         (lambda f: setattr(f, "status", 500), "http_status"),
-        (lambda f: setattr(f, "body", b"<html>not metrics</html>"), "parse"),
+        (lambda f: setattr(f, "body", b"<html>not metrics</html>\n"), "parse"),
+        (lambda f: setattr(f, "body", fixture_text("vllm-0.32-draft-t1.prom").encode()[:-40]), "truncated"),
         (lambda f: setattr(f, "body", b"\xff\xfe\x00garbage"), "parse"),
         (lambda f: setattr(f, "delay", 0.5), "timeout"),
     ],
