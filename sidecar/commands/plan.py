@@ -120,13 +120,15 @@ def count_params(cfg: dict, arch: Architecture, flag: str) -> tuple[int, int]:
     total = active = 0
     for index in range(layers):
         if arch.moe == "mixtral":
-            experts, per_token = _require(cfg, "num_local_experts", flag), _require(cfg, "num_experts_per_tok", flag)
+            experts = _require(cfg, "num_local_experts", flag)
+            per_token = _require(cfg, "num_experts_per_tok", flag)
             expert = dense_mlp(_require(cfg, "intermediate_size", flag))
             mlp, mlp_active = hidden * experts + experts * expert, hidden * experts + per_token * expert
         elif arch.moe == "qwen3_moe" and index not in (cfg.get("mlp_only_layers") or []) and (
             (index + 1) % (cfg.get("decoder_sparse_step") or 1) == 0
         ):
-            experts, per_token = _require(cfg, "num_experts", flag), _require(cfg, "num_experts_per_tok", flag)
+            experts = _require(cfg, "num_experts", flag)
+            per_token = _require(cfg, "num_experts_per_tok", flag)
             expert = dense_mlp(_require(cfg, "moe_intermediate_size", flag))
             mlp, mlp_active = hidden * experts + experts * expert, hidden * experts + per_token * expert
         else:
@@ -248,7 +250,7 @@ class Pool:
 
     @property
     def max_concurrency(self) -> float:
-        """vLLM's ``kv_cache_max_concurrency``: requests of ``max_model_len`` tokens the pool holds at once."""
+        """vLLM's ``kv_cache_max_concurrency``: requests of ``max_model_len`` tokens held at once."""
         return self.num_blocks / self.blocks_per_request
 
     @property
@@ -305,7 +307,7 @@ def plan(args: argparse.Namespace) -> dict:
             raise PlanError(f"--gpus: {gpus} GPUs do not divide the {model.attention_heads} attention heads "
                             f"of {flag} {model.name} (vLLM needs an even split)")
     target_dtype = args.target_dtype or default_weights_dtype(target)
-    draft_dtype = args.draft_dtype or (args.target_dtype if args.target_dtype else default_weights_dtype(draft))
+    draft_dtype = args.draft_dtype or args.target_dtype or default_weights_dtype(draft)
     compute_dtype = activation_dtype(target, target_dtype)
     kv_dtype = compute_dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     max_model_len = args.max_model_len or target.max_position_embeddings
@@ -324,8 +326,8 @@ def plan(args: argparse.Namespace) -> dict:
     if args.kv_cache_memory_bytes is not None:
         budget_with = budget_without = args.kv_cache_memory_bytes
         memory = None
-        notes.append("KV budget per GPU from --kv-cache-memory-bytes (as vLLM's flag: the same with or without "
-                     "the draft)")
+        notes.append("KV budget per GPU from --kv-cache-memory-bytes (as vLLM's flag: the same with or "
+                     "without the draft)")
     else:
         usable = int(args.gpu_memory_gib * GIB * args.gpu_memory_utilization)
         overhead = int(args.overhead_gib * GIB)
@@ -345,11 +347,14 @@ def plan(args: argparse.Namespace) -> dict:
     advice = draft_size_advice(size_ratio)
     low, high = DRAFT_SIZE_RATIO_SWEET_SPOT
     if advice != "sweet_spot":
+        why = ("too large: each draft step costs much of a target step" if advice == "too_large"
+               else "too small: expect lower acceptance")
         warnings.append(f"size ratio 1:{size_ratio:.1f} is outside the 1:{low:g}–1:{high:g} sweet spot "
-                        f"(draft {'too large: it costs much of a target step' if advice == 'too_large' else 'too small: it will rarely agree with the target'})")
+                        f"(draft {why})")
     draft_kv_bytes = with_draft.num_blocks * args.block_size * kv_draft_gpu
     used = (target_weights + draft_weights) // gpus + max(budget_with, 0)
     draft_share = (draft_weights // gpus + draft_kv_bytes) / used if used > 0 else None
+    draft_weights_share = (draft_weights // gpus) / used if used > 0 else None
     if draft_share is not None and draft_share > DRAFT_VRAM_SHARE_WARN:
         warnings.append(f"the draft takes {draft_share:.0%} of the memory vLLM uses (weights + KV), above "
                         f"{DRAFT_VRAM_SHARE_WARN:.0%}")
@@ -366,9 +371,9 @@ def plan(args: argparse.Namespace) -> dict:
         warnings.append("tokenizers differ: the draft's token ids do not mean the target's")
     for model in (target, draft):
         if model.sliding_window and model.max_position_embeddings and model.sliding_window < max_model_len:
-            notes.append(f"{model.name} has sliding-window attention ({model.sliding_window}); plan counts "
-                         "every layer as full attention (vLLM's figure when all layers share the window; a lower "
-                         "bound on tokens when sliding and full layers mix)")
+            notes.append(f"{model.name} has sliding-window attention ({model.sliding_window}); plan "
+                         "counts every layer as full attention (vLLM's figure when all layers share the "
+                         "window; a lower bound on tokens when sliding and full layers mix)")
         if model.active_params != model.params:
             notes.append(f"{model.name} is a mixture of experts: {model.active_params / 1e9:.2f} B of "
                          f"{model.params / 1e9:.2f} B parameters active per token")
@@ -382,7 +387,8 @@ def plan(args: argparse.Namespace) -> dict:
     def model_json(model: Model, dtype: str, weights: int, kv: int, kv_gpu: int) -> dict:
         info = asdict(model)
         info.pop("directory")
-        info.update(dtype=dtype, weights_bytes=weights, kv_bytes_per_token=kv, kv_bytes_per_token_per_gpu=kv_gpu)
+        info.update(dtype=dtype, weights_bytes=weights, kv_bytes_per_token=kv,
+                    kv_bytes_per_token_per_gpu=kv_gpu)
         return info
 
     return {
@@ -406,6 +412,7 @@ def plan(args: argparse.Namespace) -> dict:
         "max_concurrency": with_draft.max_concurrency,
         "max_concurrency_without_draft": without.max_concurrency,
         "draft_vram_share": draft_share,
+        "draft_weights_share": draft_weights_share,
         "speculative": speculative,
         "tokenizer": tokenizer,
         "warnings": warnings,
@@ -432,44 +439,48 @@ def render(result: dict) -> str:
             f"KV {m['kv_bytes_per_token']:,} B/token ({_kib(m['kv_bytes_per_token'])})"
         )
     low, high = DRAFT_SIZE_RATIO_SWEET_SPOT
-    lines.append(f"size ratio 1:{result['size_ratio']:.1f} ({result['size_advice'].replace('_', ' ')}; "
-                 f"sweet spot 1:{low:g}–1:{high:g})")
+    advice = {"sweet_spot": "in", "too_large": "draft too large for", "too_small": "draft too small for"}
+    lines.append(f"size ratio 1:{result['size_ratio']:.1f} ({advice[result['size_advice']]} the "
+                 f"1:{low:g}–1:{high:g} sweet spot)")
     tok = result["tokenizer"]
     if "identical" in tok:
         what = "identical" if tok["identical"] else (
             "same vocabulary" if tok.get("same_vocabulary") else "DIFFERENT")
         lines.append(f"tokenizer: {what} ({tok['checked']})")
     else:
-        lines.append(f"tokenizer: vocab size {'equal' if tok['vocab_size_equal'] else 'DIFFERENT'} "
-                     f"({tok['checked']})")
+        lines.append(f"tokenizer: vocab size {'equal' if tok['vocab_size_equal'] else 'DIFFERENT'}; "
+                     f"checked {tok['checked']}")
     gpus = result["gpus"]
     budget = result["kv_budget_bytes"]
     if result["memory"]:
         mem = result["memory"]
         lines.append(f"memory: {gpus} GPU(s) × {mem['gpu_memory_bytes'] / GIB:g} GiB, usable per GPU "
-                     f"{_gb(mem['usable_bytes'])}; KV budget per GPU {_gb(budget['with_draft'])} with the draft, "
-                     f"{_gb(budget['without_draft'])} without")
+                     f"{_gb(mem['usable_bytes'])}; KV budget per GPU {_gb(budget['with_draft'])} with the "
+                     f"draft, {_gb(budget['without_draft'])} without")
     else:
-        lines.append(f"memory: KV budget per GPU {budget['with_draft']:,} B (--kv-cache-memory-bytes), {gpus} GPU(s)")
+        lines.append(f"memory: KV budget per GPU {budget['with_draft']:,} B (--kv-cache-memory-bytes), "
+                     f"{gpus} GPU(s)")
     lines.append(
         f"KV cache ({result['kv_cache_dtype']}, block {result['block_size']}, per GPU "
         f"{result['kv_bytes_per_token_per_gpu']['target'] + result['kv_bytes_per_token_per_gpu']['draft']:,} "
-        f"B/token with draft): {result['kv_cache_tokens']:,} tokens ({result['num_blocks']:,} blocks) with the "
-        f"draft, {result['kv_cache_tokens_without_draft']:,} ({result['num_blocks_without_draft']:,} blocks) without"
+        f"B/token with draft): {result['kv_cache_tokens']:,} tokens ({result['num_blocks']:,} blocks) with "
+        f"the draft, {result['kv_cache_tokens_without_draft']:,} ({result['num_blocks_without_draft']:,} "
+        "blocks) without"
     )
     lost = result["kv_cache_tokens_lost_to_draft"]
     if result["kv_cache_tokens_without_draft"]:
         lines.append(f"the draft costs {lost:,} KV tokens "
                      f"({lost / result['kv_cache_tokens_without_draft']:.1%} of the pool)")
-    lines.append(f"max concurrency at {result['max_model_len']:,} tokens: {result['max_concurrency']:.2f} with the "
-                 f"draft, {result['max_concurrency_without_draft']:.2f} without")
+    lines.append(f"max concurrency at {result['max_model_len']:,} tokens: {result['max_concurrency']:.2f} "
+                 f"with the draft, {result['max_concurrency_without_draft']:.2f} without")
     if result["speculative"]:
         spec = result["speculative"]
         lines.append(f"  with {spec['num_speculative_tokens']} lookahead slots per request: "
                      f"{spec['max_concurrency_with_lookahead']:.2f}")
     if result["draft_vram_share"] is not None:
-        lines.append(f"draft share of memory used (weights + KV): {result['draft_vram_share']:.1%} "
-                     f"(warn above {DRAFT_VRAM_SHARE_WARN:.0%})")
+        lines.append(f"draft share of the memory vLLM uses: {result['draft_vram_share']:.1%} (weights "
+                     f"{result['draft_weights_share']:.1%} + its layers' KV pages; warn above "
+                     f"{DRAFT_VRAM_SHARE_WARN:.0%})")
     lines += [f"WARNING: {w}" for w in result["warnings"]]
     lines += [f"note: {n}" for n in result["notes"]]
     return "\n".join(lines)
@@ -527,13 +538,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "without the draft (the draft's layers share the one KV pool), max concurrency.",
     )  # fmt: skip
     parser.__class__ = _OneLineErrors
-    parser.add_argument("--target", required=True, metavar="PATH", help="target model directory or its config.json")
-    parser.add_argument("--draft", required=True, metavar="PATH", help="draft model directory or its config.json")
+    parser.add_argument("--target", required=True, metavar="PATH",
+                        help="target model directory or its config.json")
+    parser.add_argument("--draft", required=True, metavar="PATH",
+                        help="draft model directory or its config.json")
     dtypes = sorted(WEIGHT_BYTES)
     parser.add_argument("--target-dtype", choices=dtypes,
-                        help="weight precision (default: the config's quantization or dtype; float32 -> bf16)")
-    parser.add_argument("--draft-dtype", choices=dtypes, help="draft weight precision (default: --target-dtype "
-                        "when given, else from the draft's config)")
+                        help="weight precision (default: the config's quantization or dtype; float32 -> "
+                             "bf16)")
+    parser.add_argument("--draft-dtype", choices=dtypes,
+                        help="draft weight precision (default: --target-dtype when given, else from the "
+                             "draft's config)")
     parser.add_argument("--kv-cache-dtype", choices=["auto", *sorted(KV_BYTES)], default="auto",
                         help="KV cache dtype; auto = the target's compute dtype, as vLLM (default auto)")
     parser.add_argument("--gpus", type=_positive(int), default=1, help="tensor-parallel GPUs (default 1)")
@@ -545,11 +560,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="per-GPU memory for activations, CUDA graphs, non-torch allocations (default 0)")
     parser.add_argument("--kv-cache-memory-bytes", type=_positive(int), metavar="B",
                         help="per-GPU KV budget, as vLLM's flag; overrides the memory model above")
-    parser.add_argument("--block-size", type=_positive(int), default=16, help="KV block size in tokens (default 16)")
+    parser.add_argument("--block-size", type=_positive(int), default=16,
+                        help="KV block size in tokens (default 16)")
     parser.add_argument("--max-model-len", type=_positive(int), metavar="L",
                         help="max tokens per request (default: the target's max_position_embeddings)")
     parser.add_argument("--num-speculative-tokens", type=_positive(int), metavar="K",
-                        help="draft tokens per step: also show concurrency with K lookahead slots per request")
+                        help="draft tokens per step: also show concurrency with K lookahead slots per "
+                             "request")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
