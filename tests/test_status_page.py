@@ -191,19 +191,24 @@ async def test_page_in_chromium_shows_verdicts_distributions_and_links(proxy):
         assert "specdec_bucket_verdict" in await r.text()
 
 
-async def test_distributions_cover_the_views_since_the_window_began(proxy):
+async def test_distributions_cover_the_last_window_of_page_views(proxy):
     app_page = StatusPage(proxy.registry, build_settings(windows="10m", verdict_window="10m", min_drafts=1))
+
+    def requests(text: str) -> str:
+        return Page(text).bucket_row("tiny-target", "0.3-0.5")["cells"]["requests"]
+
     await send(proxy, 0.4, stream=False)
-    first_text = app_page.page(now=1000.0)
-    assert Page(first_text).bucket_row("tiny-target", "0.3-0.5")["cells"]["requests"] == "1"
-    assert "since the sidecar started" in first_text
+    first = app_page.page(now=1000.0)
+    assert requests(first) == "1" and "since the sidecar started" in first
     for _ in range(2):
         await send(proxy, 0.4, stream=False)
-    later_text = app_page.page(now=1300.0)
-    later = Page(later_text)
-    # only the two requests since the first view count; the header says over which span
-    assert later.bucket_row("tiny-target", "0.3-0.5")["cells"]["requests"] == "2"
-    assert "over the last 300 s of page views" in later_text
+    # views 300 s apart do not span the 10m window yet: still everything since the start
+    second = app_page.page(now=1300.0)
+    assert requests(second) == "3" and "since the sidecar started" in second
+    await send(proxy, 0.4, stream=False)
+    # a view a whole window after the first: only what came since that view, and the header says so
+    third = app_page.page(now=1700.0)
+    assert requests(third) == "3" and "over the last 700 s of page views" in third
 
 
 async def test_idle_sidecar_with_vllm_unreachable(aiohttp_client, unused_tcp_port):

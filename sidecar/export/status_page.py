@@ -7,9 +7,9 @@ no scripts and loads nothing from anywhere else.
 
 It is computed from the registry's samples, the same in-process state ``/metrics`` renders: no I/O. Verdicts
 and their acceptance come from the collector (``--verdict-window``). Distributions are differences of the
-tap's counters and histograms between page views, over at most ``--verdict-window`` (the first view after a
-restart shows everything since the sidecar started); the table header says which span they cover. The row
-maths is ``top``'s (``build_view``), so the page and ``specdec-sidecar top`` agree.
+tap's counters and histograms between page views, over the last ``--verdict-window`` once the views kept
+span one (until then, everything since the sidecar started); the table header says which span they cover.
+The row maths is ``top``'s (``build_view``), so the page and ``specdec-sidecar top`` agree.
 """
 
 from __future__ import annotations
@@ -208,7 +208,10 @@ class StatusPage:
         samples = registry_samples(self._registry)
         self._views.append(PageView(now, samples))
         trim_history(self._views, now, self._settings.verdict_window)
-        base = base_point(self._views, self._settings.verdict_window, 0.0)
+        window = self._settings.verdict_window
+        base = base_point(self._views, window, 0.0)
+        if base is not None and now - base.t < window:
+            base = None  # views do not span a whole window yet: everything since the sidecar started
         view = build_view(samples, base.samples if base else None, now - base.t if base else 0.0)
         return render_page(view, samples, self._settings, now - base.t if base else None, self._runbook_base)
 
