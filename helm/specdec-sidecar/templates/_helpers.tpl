@@ -85,7 +85,8 @@ printed without exponent noise, strings as they are.
 specdec-sidecar.sidecarArgs: the `specdec-sidecar serve` arguments as a YAML list. Addresses come from the
 chart (upstream = vLLM on localhost, proxy on sidecar.proxyPort, metrics on sidecar.metricsPort); every
 non-null key of sidecar.settings becomes --kebab-case-flag=value; empty lists are left out (the sidecar's
-default applies). tests/test_helm.py parses the result with the sidecar's own argument parser.
+default applies); with vllm.apiKeySecret, --upstream-api-key-file points at that Secret, mounted (the key
+itself never appears in the pod spec). tests/test_helm.py parses the result with the sidecar's own argument parser.
 */}}
 {{- define "specdec-sidecar.sidecarArgs" -}}
 - serve
@@ -98,6 +99,9 @@ default applies). tests/test_helm.py parses the result with the sidecar's own ar
 {{- if and (not (kindIs "invalid" $value)) (not (and (kindIs "slice" $value) (eq (len $value) 0))) }}
 - {{ printf "--%s=%s" (kebabcase $key) (include "specdec-sidecar.settingValue" $value) | quote }}
 {{- end }}
+{{- end }}
+{{- if .Values.vllm.apiKeySecret.name }}
+- --upstream-api-key-file={{ include "specdec-sidecar.apiKeyDir" . }}/{{ .Values.vllm.apiKeySecret.key }}
 {{- end }}
 {{- range .Values.sidecar.extraArgs }}
 - {{ . | quote }}
@@ -197,6 +201,18 @@ container with restartPolicy: Always) or as a second container.
   volumeMounts:
     - name: sidecar-tmp
       mountPath: /tmp
+    {{- if .Values.vllm.apiKeySecret.name }}
+    - name: upstream-api-key
+      mountPath: {{ include "specdec-sidecar.apiKeyDir" . }}
+      readOnly: true
+    {{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.apiKeyDir: where the sidecar finds vLLM's API key (the Secret vllm.apiKeySecret, mounted).
+*/}}
+{{- define "specdec-sidecar.apiKeyDir" -}}
+/etc/specdec-sidecar/upstream-api-key
 {{- end }}
 
 {{/*
