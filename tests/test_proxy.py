@@ -233,3 +233,384 @@ def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers():
     assert list(end_to_end(headers).items()) == [("Content-Length", "3"), ("X-Keep", "a"), ("X-Keep", "b"),
                                                  ("Authorization", "Bearer t")]
     assert "Content-Length" not in end_to_end(headers, REQUEST_ONLY_DROP)
+
+
+# --- a raw upstream for what aiohttp's server would not do ----------------------------------------------
+
+class RawUpstream:
+    """A minimal HTTP/1.1 upstream on raw sockets (no server-side decompression, exact bytes):
+
+    * ``X-Mode: echo``: answers the SHA-256 and length of the body exactly as it arrived, and its headers;
+    * ``X-Mode: stream-error``: a 200 event stream with two content chunks and then vLLM's error event;
+    * ``X-Mode: big``: a 200 event stream of ``big`` bytes written as fast as the client takes them;
+    * ``X-Mode: slow``: a 200 event stream of 40 small events 50 ms apart;
+    * ``X-Mode: hold``: reads the request and never answers (until the client goes away);
+    * otherwise the recorded non-streamed completion.
+
+    ``keepalive``: a connection idle that long is closed by the server, but the client only notices when its
+    next request arrives (the close and the request cross on the wire, as with uvicorn under load): such a
+    request is dropped unanswered and counted in ``stale``.
+    """
+
+    def __init__(self, keepalive: float | None = None, big: int = 32 * 1024 * 1024) -> None:
+        self.keepalive = keepalive
+        self.big = big
+        self.stale = 0
+        self.answered = 0
+        self.connections = 0
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        loop = asyncio.get_running_loop()
+        idle_since = loop.time()
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                if self.keepalive is not None and loop.time() - idle_since >= self.keepalive:
+                    self.stale += 1
+                    writer.transport.abort()
+                    return
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for line in lines[1:]:
+                    if ":" in line:
+                        key, _, val = line.partition(":")
+                        headers[key.strip().lower()] = val.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                mode = headers.get("x-mode", "")
+                if mode == "hold":
+                    await reader.read()
+                    return
+                if mode == "echo":
+                    data = json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "len": len(body),
+                                       "headers": headers}).encode()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                                 % len(data) + data)
+                elif mode in ("stream-error", "big", "slow"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+                    if mode == "stream-error":
+                        events = [b'data: {"id":"c","object":"text_completion","model":"tiny-target","choices":'
+                                  b'[{"index":0,"text":"a","finish_reason":null}]}\n\n'] * 2 + [
+                            b'data: {"error":{"message":"engine died","type":"InternalServerError","code":500}}\n\n',
+                            b"data: [DONE]\n\n"]
+                    elif mode == "slow":
+                        events = [b'data: {"choices":[{"index":0,"text":"x"}]}\n\n'] * 40
+                    else:
+                        piece = b'data: {"choices":[{"index":0,"text":"' + b"x" * 4000 + b'"}]}\n\n'
+                        events = [piece] * (self.big // len(piece))
+                    for event in events:
+                        writer.write(b"%x\r\n" % len(event) + event + b"\r\n")
+                        await writer.drain()
+                        if mode == "slow":
+                            await asyncio.sleep(0.05)
+                    writer.write(b"0\r\n\r\n")
+                else:
+                    data = (FIXTURES / "completion-nonstream.json").read_bytes()
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                                 % len(data) + data)
+                await writer.drain()
+                self.answered += 1
+                idle_since = loop.time()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+class CountingRecorder:
+    """Records every ``request_done`` call, so a test can check each request is recorded exactly once."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def request_done(self, info, outcome, started, ended) -> None:
+        self.calls.append((info, outcome))
+
+
+async def start_proxy(upstream_url: str, recorder, keepalive: float = 4.0, max_observed_body: int = 1 << 20,
+                      budget: int | None = None):
+    """The proxy alone, in this loop, in front of *upstream_url*; returns (runner, base URL, proxy)."""
+    from sidecar.tap.observe import Budget
+    from sidecar.tap.proxy import Proxy, proxy_runner, upstream_connector
+
+    session = aiohttp.ClientSession(connector=upstream_connector(keepalive), auto_decompress=False,
+                                    cookie_jar=aiohttp.DummyCookieJar())
+    proxy = Proxy(session, upstream_url, recorder, max_observed_body=max_observed_body, connect_timeout=2.0,
+                  budget=Budget(budget) if budget is not None else None)
+    runner = proxy_runner(proxy)
+    await runner.setup()
+    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, session, f"http://127.0.0.1:{runner.addresses[0][1]}", proxy
+
+
+@pytest.fixture
+async def raw_upstream():
+    server = RawUpstream()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+# --- issue: keep-alive race ------------------------------------------------------------------------------
+
+async def _spaced_posts(base: str, spacing: float, count: int) -> list[int]:
+    statuses = []
+    async with aiohttp.ClientSession() as client:
+        for _ in range(count):
+            async with client.post(base + "/v1/completions", json={"model": "tiny-target"}) as r:
+                await r.read()
+                statuses.append(r.status)
+            await asyncio.sleep(spacing)
+    return statuses
+
+
+async def test_idle_upstream_connections_retire_before_the_upstream_closes_them():
+    upstream = RawUpstream(keepalive=0.4)
+    await upstream.start()
+    runner, session, base, _ = await start_proxy(upstream.url, CountingRecorder(), keepalive=0.25)
+    try:
+        statuses = await _spaced_posts(base, 0.45, 5)
+    finally:
+        await runner.cleanup()
+        await session.close()
+        await upstream.stop()
+    assert statuses == [200] * 5
+    assert upstream.stale == 0  # no request ever went out on a connection the upstream had closed
+    assert upstream.connections == 5
+
+
+async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_again_once():
+    upstream = RawUpstream(keepalive=0.2)  # shorter than the proxy's keep-alive: the race is forced
+    await upstream.start()
+    recorder = CountingRecorder()
+    runner, session, base, _ = await start_proxy(upstream.url, recorder, keepalive=4.0, max_observed_body=1024)
+    try:
+        statuses = await _spaced_posts(base, 0.3, 5)
+        assert upstream.stale == 4 and upstream.answered == 5  # every reuse hit a closed connection
+        # A body too large to buffer streams through, so it cannot be sent twice: that one gets the 502.
+        async with aiohttp.ClientSession() as client:
+            async with client.post(base + "/v1/completions", data=b"x" * 5000) as r:
+                streamed_status = r.status
+    finally:
+        await runner.cleanup()
+        await session.close()
+        await upstream.stop()
+    assert statuses == [200] * 5
+    assert streamed_status == 502 and upstream.stale == 5
+    assert [outcome.status for _, outcome in recorder.calls] == [200] * 5 + [502]
+
+
+async def test_spaced_requests_at_the_upstream_keepalive_never_fail(hostile_vllm):
+    """aiohttp's own server with a short keep-alive (as uvicorn's 5 s, scaled down), requests spaced right
+    at it: the proxy retires its idle connections first, so none fails."""
+    hostile_vllm.keepalive = 0.3
+    await hostile_vllm.stop()
+    await hostile_vllm.start()
+    runner, session, base, _ = await start_proxy(hostile_vllm.url, CountingRecorder(), keepalive=0.25)
+    statuses = []
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-hostile"}) as client:
+            for i in range(16):
+                async with client.post(base + "/v1/completions", json={"model": "tiny-target"}) as r:
+                    await r.read()
+                    statuses.append(r.status)
+                await asyncio.sleep(0.3 + (i % 5 - 2) * 0.004)
+    finally:
+        await runner.cleanup()
+        await session.close()
+    assert statuses == [200] * 16
+
+
+# --- issue: failure accounting ---------------------------------------------------------------------------
+
+@pytest.fixture
+async def counted(raw_upstream):
+    """The proxy alone in front of RawUpstream, with a recorder that counts."""
+    recorder = CountingRecorder()
+    runner, session, base, proxy = await start_proxy(raw_upstream.url, recorder)
+    counted = type("Counted", (), {"recorder": recorder, "base": base, "proxy": proxy, "upstream": raw_upstream})
+    yield counted
+    await runner.cleanup()
+    await session.close()
+
+
+async def test_client_hanging_up_while_the_proxy_writes_is_client_disconnected(counted):
+    async with aiohttp.ClientSession() as client:
+        response = await client.post(counted.base + "/v1/completions", json={"model": "m", "stream": True},
+                                     headers={"X-Mode": "big"})
+        await response.content.readany()
+        await asyncio.sleep(0.2)  # the proxy is now blocked writing to a client that reads nothing
+        response.connection.transport.abort()
+        response.close()
+    await wait_for(lambda: len(counted.recorder.calls) == 1)
+    await asyncio.sleep(0.2)
+    assert len(counted.recorder.calls) == 1
+    outcome = counted.recorder.calls[0][1]
+    assert outcome.unattributed == "client_disconnected" and outcome.status == 200
+    assert counted.proxy.budget.held == 0
+
+
+@pytest.mark.parametrize("how", ["close", "abort", "half-close"])
+async def test_client_leaving_mid_stream_is_client_disconnected(counted, how):
+    """A client that closes, resets or half-closes its connection between two events: the proxy's next
+    write fails, which is the client's side, whatever exception aiohttp raises for it."""
+    port = int(counted.base.rsplit(":", 1)[1])
+    for i in range(6):  # leave at different points between two events (50 ms apart)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Mode: slow\r\nContent-Length: 13\r\n\r\n"
+                     b'{"model":"m"}')
+        await reader.readuntil(b"\n\n")  # headers and the first event
+        await asyncio.sleep(0.02 * i)
+        if how == "abort":
+            writer.transport.abort()
+        else:
+            if how == "half-close":  # aiohttp's server then closes its side: the next write fails at once
+                writer.write_eof()
+                continue
+            writer.close()
+    await wait_for(lambda: len(counted.recorder.calls) == 6)
+    await asyncio.sleep(0.2)
+    assert [o.unattributed for _, o in counted.recorder.calls] == ["client_disconnected"] * 6
+
+
+async def test_write_to_a_closing_client_is_the_clients_failure(counted, monkeypatch):
+    """The exact failure of the issue, made deterministic: the client's transport is closing when the proxy
+    writes the next event, and aiohttp raises its ClientConnectionResetError (a ClientConnectionError, as
+    upstream failures are). Where it happened decides: writing to the client."""
+    writes = 0
+    real_write = aiohttp.web.StreamResponse.write
+
+    async def write(self, data):
+        nonlocal writes
+        writes += 1
+        if writes == 3:
+            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+        return await real_write(self, data)
+
+    monkeypatch.setattr(aiohttp.web.StreamResponse, "write", write)
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.post(counted.base + "/v1/completions", json={"model": "m"},
+                                   headers={"X-Mode": "slow"}) as r:
+                await r.read()
+    await wait_for(lambda: len(counted.recorder.calls) == 1)
+    assert counted.recorder.calls[0][1].unattributed == "client_disconnected"
+
+
+async def test_client_gone_before_response_headers_is_recorded(counted):
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(asyncio.TimeoutError):
+            await client.post(counted.base + "/v1/completions", json={"model": "m", "temperature": 0},
+                              headers={"X-Mode": "hold"}, timeout=aiohttp.ClientTimeout(total=0.3))
+    await wait_for(lambda: len(counted.recorder.calls) == 1)
+    info, outcome = counted.recorder.calls[0]
+    assert outcome.status == 499 and outcome.unattributed == "client_disconnected"
+    assert info.model == "m" and info.temperature == 0
+
+
+async def test_client_gone_while_sending_its_body_is_recorded(counted):
+    port = int(counted.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"model\":")
+    await writer.drain()
+    await asyncio.sleep(0.1)
+    writer.transport.abort()
+    await wait_for(lambda: len(counted.recorder.calls) == 1)
+    assert counted.recorder.calls[0][1].unattributed == "client_disconnected"
+    assert counted.proxy.budget.held == 0
+
+
+async def test_every_observed_request_is_recorded_exactly_once(counted):
+    async with aiohttp.ClientSession() as client:
+        for headers in ({}, {"X-Mode": "stream-error"}, {"X-Mode": "echo"}):
+            async with client.post(counted.base + "/v1/completions", json={"model": "m"}, headers=headers) as r:
+                await r.read()
+        async with client.post(counted.base + "/not/observed", data=b"x") as r:
+            await r.read()
+        async with client.get(counted.base + "/v1/completions") as r:  # not a POST: not observed
+            await r.read()
+    await asyncio.sleep(0.1)
+    assert len(counted.recorder.calls) == 3
+    assert counted.proxy.budget.held == 0
+
+
+async def test_upstream_unreachable_is_recorded_once_and_logged_rate_limited(capsys):
+    from devstack.vllm_server import free_port
+
+    configure_logging("json", "info")
+    recorder = CountingRecorder()
+    runner, session, base, _ = await start_proxy(f"http://127.0.0.1:{free_port()}", recorder)
+    try:
+        async with aiohttp.ClientSession() as client:
+            for _ in range(20):
+                async with client.post(base + "/v1/completions", json={"model": "m"}) as r:
+                    assert r.status == 502
+    finally:
+        await runner.cleanup()
+        await session.close()
+    assert [o.unattributed for _, o in recorder.calls] == ["upstream_unreachable"] * 20
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert [line["event"] for line in lines].count("proxy_upstream_unreachable") == 1
+
+
+# --- issue: transparency ---------------------------------------------------------------------------------
+
+async def test_gzip_request_body_is_forwarded_exactly_and_still_observed(counted):
+    import gzip
+
+    plain = json.dumps({"model": "tiny-target", "temperature": 0.2, "prompt": "y" * 5000}).encode()
+    body = gzip.compress(plain)
+    async with aiohttp.ClientSession() as client:
+        async with client.post(counted.base + "/v1/completions", data=body,
+                               headers={"Content-Encoding": "gzip", "Content-Type": "application/json",
+                                        "X-Mode": "echo"}) as r:
+            assert r.status == 200
+            got = await r.json()
+    assert got["sha256"] == hashlib.sha256(body).hexdigest() and got["len"] == len(body)
+    assert got["headers"]["content-encoding"] == "gzip"
+    info = counted.recorder.calls[0][0]
+    assert info.parse_error is None and info.model == "tiny-target" and info.temperature == 0.2
+
+
+async def test_gzip_bomb_is_forwarded_but_not_inflated_beyond_the_limit(counted):
+    import gzip
+
+    body = gzip.compress(b"{" + b" " * (8 << 20) + b"}")
+    async with aiohttp.ClientSession() as client:
+        async with client.post(counted.base + "/v1/completions", data=body,
+                               headers={"Content-Encoding": "gzip", "X-Mode": "echo"}) as r:
+            got = await r.json()
+    assert got["sha256"] == hashlib.sha256(body).hexdigest()
+    assert counted.recorder.calls[0][0].parse_error == "body_too_large"
+
+
+@pytest.mark.parametrize("request_line", [b"POST http://example.com/v1/completions HTTP/1.1",
+                                          b"OPTIONS * HTTP/1.1", b"GET example.com:80 HTTP/1.1"])
+async def test_targets_that_are_not_paths_get_a_clean_400(counted, request_line, capsys):
+    configure_logging("json", "info")
+    port = int(counted.base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_line + b"\r\nHost: example.com\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith((b"HTTP/1.1 400 ", b"HTTP/1.0 400 "))
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # JSON, one object per line
+    assert len(lines) == 1  # aiohttp's parser rejects authority-form itself: also one line
+    assert counted.upstream.answered == 0

@@ -329,8 +329,7 @@ class Proxy:
             try:
                 await response.prepare(request)
             except (ConnectionError, RuntimeError):
-                ex.client_gone()
-                return response, False
+                return self._client_failed(request, ex, response)
             read = upstream.content.readany
             write = response.write
             while True:
@@ -352,8 +351,7 @@ class Proxy:
                 try:
                     await write(chunk)
                 except (ConnectionError, RuntimeError):
-                    ex.client_gone()  # writing to the client failed: the client's side
-                    return response, False
+                    return self._client_failed(request, ex, response)  # writing to the client failed
                 if observer is not None:
                     try:
                         observer.feed(chunk, now, outcome)
@@ -364,8 +362,7 @@ class Proxy:
             try:
                 await response.write_eof()
             except (ConnectionError, RuntimeError):
-                ex.client_gone()
-                return response, False
+                return self._client_failed(request, ex, response)
             if observer is not None:
                 try:
                     observer.finish(time.perf_counter(), outcome)
@@ -375,6 +372,17 @@ class Proxy:
         finally:
             if observer is not None:
                 observer.close()
+
+    @staticmethod
+    def _client_failed(
+        request: web.BaseRequest, ex: _Exchange, response: web.StreamResponse
+    ) -> tuple[web.StreamResponse, bool]:
+        """Writing to the client failed: its side. The half-written response is abandoned with its
+        connection (nothing more is written to it) and the upstream connection is dropped."""
+        ex.client_gone()
+        if request.transport is not None:
+            request.transport.close()
+        return response, False
 
     def _done(self, ex: _Exchange) -> None:
         """Record an observed request; called exactly once per request, from ``handle``'s ``finally``."""
