@@ -176,20 +176,19 @@ def _solve_alpha(tokens_per_step: float, k: int) -> float:
 
 
 def fit_draft_cost(cells: Sequence[tuple[float, float]], k: int) -> float | None:
-    """Least-squares c from measured cells ``(tokens_per_step E, speed-up S)`` at one load level.
+    """Least-squares c from measured cells ``(tokens per target pass E, speed-up S)`` at one load level.
 
-    The model says S = E * u with u = 1 / (k*c + 1); u minimising sum (S - E*u)^2 is sum(S*E) / sum(E^2),
-    so c = (1/u - 1) / k. ``None`` without usable cells or when the fit is degenerate (u <= 0).
+    Fitted on time per token, 1/S = (k*c + 1) / E, because time (unlike speed) adds up across a mix of
+    requests: v = k*c + 1 minimising sum (1/S - v/E)^2 is sum((1/S)(1/E)) / sum(1/E^2), and c = (v - 1) / k.
+    ``None`` without usable cells.
     """
     if k <= 0:
         raise ValueError("k must be >= 1")
-    usable = [(e, s) for e, s in cells if math.isfinite(e) and math.isfinite(s) and e > 0 and s > 0]
+    usable = [(1.0 / e, 1.0 / s) for e, s in cells if math.isfinite(e) and math.isfinite(s) and e >= 1 and s > 0]
     if not usable:
         return None
-    u = sum(s * e for e, s in usable) / sum(e * e for e, _ in usable)
-    if u <= 0:
-        return None
-    return (1.0 / u - 1.0) / k
+    v = sum(t * x for x, t in usable) / sum(x * x for x, _ in usable)
+    return (v - 1.0) / k
 
 
 def best_num_speculative_tokens(alpha: float, c: float, k_max: int) -> int:

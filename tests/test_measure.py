@@ -146,16 +146,16 @@ def test_bootstrap_interval_brackets_the_point_and_verdicts_follow_it():
     assert speedup_verdict(Interval(1.03, 1.01, 1.05), 0.05) == NEUTRAL  # inside the band
 
 
-def _cell_row(concurrency, temperature, alpha, c, k=4, steps=1000):
-    length = expected_tokens_per_step(alpha, k)
+def _cell_row(concurrency, temperature, alpha, c, k=4, tokens=100_000):
+    passes = tokens / expected_tokens_per_step(alpha, k)
     s = speculative_speedup(alpha, k, c)
-    return {"server": SPEC, "concurrency": concurrency, "temperature": temperature, "mean_acceptance_length": length,
-            "spec_steps": steps, "accepted_tokens": round((length - 1) * steps),
-            "speedup": {"tpot": {"value": s}, "throughput": {"value": s}}}
+    return {"server": SPEC, "concurrency": concurrency, "temperature": temperature, "output_tokens": tokens,
+            "accepted_tokens": tokens - passes,
+            "speedup": {"tpot": {"value": s}, "throughput": {"value": s}, "verdict": HURTS if s < 1 else HELPS}}
 
 
 def test_fit_finds_each_load_levels_cost_break_even_and_schedule():
-    costs = {1: 0.05, 4: 0.2, 16: 0.6}
+    costs = {1: 0.05, 4: 0.1, 16: 0.6}
     rows = [_cell_row(cc, t, a, c) for cc, c in costs.items() for t, a in ((0.0, 0.8), (1.0, 0.05))]
     fit = fit_model(rows, 4)
     levels = {lv["concurrency"]: lv for lv in fit["levels"]}
@@ -166,7 +166,8 @@ def test_fit_finds_each_load_levels_cost_break_even_and_schedule():
     # The mix (half greedy at 0.8, half at 0.05) pays at low load and stops at 16.
     assert levels[1]["pays"] and not levels[16]["pays"]
     assert fit["stops_paying_at_concurrency"] == 16
-    assert fit["stops_paying_at_concurrency_by_temperature"]["1"] == 1
+    assert fit["stops_paying_at_concurrency_by_temperature"] == {"0": 16, "1": 1}
+    assert fit["measured_hurts_from_concurrency_by_temperature"] == {"0": 16, "1": 1}
     value = fit["schedule"]["value"]
     assert fit["schedule"]["key"] == "num_speculative_tokens_per_batch_size"
     # vLLM's rules: inclusive [start, end, k], first start 1, sorted, non-overlapping, k >= 0.

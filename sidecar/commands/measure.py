@@ -388,7 +388,7 @@ def render(results: dict) -> list:
     if fit:
         model = Table(title=f"Break-even model per load level (k={fit['k']}; c = cost of a draft token "
                             "in target forward passes)", title_justify="left")
-        for column in ("C", "fitted c", "break-even α", "break-even acceptance", "α (measured mix)",
+        for column in ("C", "fitted c", "break-even α", "break-even acceptance", "α (the mix)",
                        "model speed-up", "pays", "best k"):
             model.add_column(column, justify="right")
         for lv in fit["levels"]:
@@ -402,12 +402,22 @@ def render(results: dict) -> list:
                 "—" if lv["suggested_num_speculative_tokens"] is None else str(lv["suggested_num_speculative_tokens"]),
             )
         out.append(model)
+        check = Table(title="Model vs measurement per cell (E = output tokens per target pass)", title_justify="left")
+        for column in ("C", "T", "E", "α", "model speed-up", "measured TPOT speed-up"):
+            check.add_column(column, justify="right")
+        for lv in fit["levels"]:
+            for entry in lv["per_temperature"]:
+                check.add_row(str(lv["concurrency"]), f"{entry['temperature']:g}", f"{entry['tokens_per_pass']:.2f}",
+                              _pct(entry["alpha"]), f"{entry['model_speedup']:.2f}×",
+                              f"{entry['measured_tpot_speedup']:.2f}×")
+        out.append(check)
         if fit["schedule"]:
             out.append(Text(f"suggested --speculative-config entry: \"{fit['schedule']['key']}\": "
                             f"{json.dumps(fit['schedule']['value'])}"))
         stops = fit["stops_paying_at_concurrency"]
-        out.append(Text("speculation pays at every measured load for this mix" if stops is None
-                        else f"speculation stops paying for this mix at concurrency {stops}"))
+        out.append(Text(f"with k={fit['k']}, speculation pays at every measured load for this mix of temperatures"
+                        if stops is None else
+                        f"with k={fit['k']}, speculation does not pay for this mix of temperatures from concurrency {stops}"))
     return out
 
 

@@ -9,7 +9,6 @@ break-even model and thresholds come from :mod:`sidecar.decision`.
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -216,33 +215,41 @@ def compare(spec: Cell, baseline: Cell, band: float, resamples: int = 1000, seed
     }
 
 
-def fit_model(rows: Sequence[dict], k: int | None) -> dict | None:
-    """Fit alpha and the draft cost c per concurrency level (Leviathan et al.) from the paired cells.
+def tokens_per_pass(output_tokens: int, accepted_tokens: int) -> float | None:
+    """Output tokens per target forward pass: every pass yields one token plus the drafts it accepted, so
+    passes = output - accepted. Counts passes where the drafter proposed nothing (n-gram) too."""
+    passes = output_tokens - accepted_tokens
+    return output_tokens / passes if passes > 0 and output_tokens > 0 else None
 
-    Per spec cell: tokens per step E = its mean acceptance length, measured S = its TPOT speed-up (decode
-    time per token is what the model describes). Per level: c by least squares over the level's cells;
-    alpha from the level's pooled mean acceptance length (the measured mix of temperatures); the
-    break-even alpha and acceptance rate for that c; whether the mix pays there; the best k for it.
+
+def fit_model(rows: Sequence[dict], k: int | None) -> dict | None:
+    """Fit the draft cost c and alpha per concurrency level (Leviathan et al.) from the paired cells.
+
+    Per spec cell: E = output tokens per target pass (measured), alpha the value with E(alpha, k) = E (an
+    effective alpha over every pass), S = the cell's TPOT speed-up (decode time per token is what the model
+    describes). Per level: c by least squares over the level's cells (on time per token), the break-even
+    alpha and acceptance rate for that c, and for the measured mix of temperatures (E pooled as all tokens /
+    all passes, which is how their times add up) the modelled speed-up, whether it pays and the best k.
     """
     if not k:
         return None
     by_level: dict[int, list[dict]] = defaultdict(list)
     for row in rows:
         if row["server"] == SPEC and row.get("speedup") and row["speedup"]["tpot"]["value"]:
-            by_level[row["concurrency"]].append(row)
+            if tokens_per_pass(row["output_tokens"], row["accepted_tokens"]):
+                by_level[row["concurrency"]].append(row)
     if not by_level:
         return None
     levels = []
     for concurrency in sorted(by_level):
-        cells = [r for r in by_level[concurrency] if r["mean_acceptance_length"]]
-        pairs = [(r["mean_acceptance_length"], r["speedup"]["tpot"]["value"]) for r in cells]
-        c = fit_draft_cost(pairs, k)
-        steps = sum(r["spec_steps"] for r in cells)
-        accepted = sum(r["accepted_tokens"] for r in cells)
-        pooled_length = 1.0 + accepted / steps if steps else None
-        alpha = alpha_from_mean_acceptance_length(pooled_length, k) if pooled_length else None
+        cells = by_level[concurrency]
+        pairs = [(tokens_per_pass(r["output_tokens"], r["accepted_tokens"]), r["speedup"]["tpot"]["value"])
+                 for r in cells]
+        c = fit_draft_cost(pairs, k)  # type: ignore[arg-type]
+        mix = tokens_per_pass(sum(r["output_tokens"] for r in cells), sum(r["accepted_tokens"] for r in cells))
+        alpha = alpha_from_mean_acceptance_length(mix, k) if mix else None
         level: dict = {"concurrency": concurrency, "cells": len(cells), "draft_cost": c, "alpha": alpha,
-                       "break_even_alpha": None, "break_even_acceptance_rate": None,
+                       "tokens_per_pass": mix, "break_even_alpha": None, "break_even_acceptance_rate": None,
                        "predicted_speedup": None, "pays": None, "suggested_num_speculative_tokens": None,
                        "per_temperature": []}
         if c is not None:
@@ -252,13 +259,12 @@ def fit_model(rows: Sequence[dict], k: int | None) -> dict | None:
                 level["predicted_speedup"] = speculative_speedup(alpha, k, c)
                 level["pays"] = level["predicted_speedup"] > 1.0
                 level["suggested_num_speculative_tokens"] = best_num_speculative_tokens(alpha, max(c, 0.0), k)
-            for r in sorted(cells, key=lambda r: r["temperature"]):
-                a = alpha_from_mean_acceptance_length(r["mean_acceptance_length"], k)
+            for r, (e, s) in sorted(zip(cells, pairs), key=lambda item: item[0]["temperature"]):
+                a = alpha_from_mean_acceptance_length(e, k)  # type: ignore[arg-type]
                 level["per_temperature"].append({
-                    "temperature": r["temperature"], "alpha": a,
-                    "model_speedup": speculative_speedup(a, k, c),
-                    "measured_tpot_speedup": r["speedup"]["tpot"]["value"],
-                    "pays": level["break_even_alpha"] is not None and a > level["break_even_alpha"],
+                    "temperature": r["temperature"], "tokens_per_pass": e, "alpha": a,
+                    "model_speedup": speculative_speedup(a, k, c), "measured_tpot_speedup": s,
+                    "pays": speculative_speedup(a, k, c) > 1.0,
                 })
         levels.append(level)
     stops = next((lv["concurrency"] for lv in levels if lv["pays"] is False), None)
@@ -269,12 +275,20 @@ def fit_model(rows: Sequence[dict], k: int | None) -> dict | None:
             per_temperature_stops.setdefault(key, None)
             if not entry["pays"] and per_temperature_stops[key] is None:
                 per_temperature_stops[key] = lv["concurrency"]
+    hurts_from: dict[str, int | None] = {}
+    for row in sorted(rows, key=lambda r: r["concurrency"]):
+        if row["server"] == SPEC and row.get("speedup"):
+            key = f"{row['temperature']:g}"
+            hurts_from.setdefault(key, None)
+            if row["speedup"]["verdict"] == HURTS and hurts_from[key] is None:
+                hurts_from[key] = row["concurrency"]
     return {
         "model": "Leviathan et al. 2023: tokens per step E = (1 - alpha^(k+1)) / (1 - alpha), speed-up = E / (k*c + 1)",
         "k": k,
         "levels": levels,
         "stops_paying_at_concurrency": stops,
         "stops_paying_at_concurrency_by_temperature": per_temperature_stops,
+        "measured_hurts_from_concurrency_by_temperature": hurts_from,
         "schedule": schedule(levels),
     }
 
@@ -300,7 +314,3 @@ def schedule(levels: Sequence[dict]) -> dict | None:
             entries.append([start, end, k])
     return {"key": VLLM_CONFIG_KEY, "value": entries,
             "note": "batch sizes approximated by client concurrency; vLLM carries the last entry forward"}
-
-
-def isfinite(x: object) -> bool:
-    return isinstance(x, int | float) and math.isfinite(x)
