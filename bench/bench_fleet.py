@@ -153,14 +153,23 @@ class Page:
         return ("\n".join(out) + "\n").encode()
 
 
-def pods_app(page: Page, pods: int, started: float) -> web.Application:
+def pods_app(page: Page, pods: int, started: float, interval: int) -> web.Application:
+    """Pod i's counters grow at one of 8 speeds (doubling every 30 s to 2 min), stepping once per interval;
+    a page is rendered once per (speed, step) and served to every pod sharing it, so the page server stays
+    cheap next to Prometheus."""
     rng = random.Random(pods)
-    speeds = [rng.uniform(0.5, 2.0) / 60 for _ in range(pods)]  # counters double every 30 s to 2 min
+    speeds = [rng.randrange(8) for _ in range(pods)]
+    cache: dict[tuple[int, int], bytes] = {}
 
     async def handle(request: web.Request) -> web.Response:
         i = int(request.match_info["pod"])
-        factor = 1.0 + speeds[i] * (time.monotonic() - started)
-        return web.Response(body=page.render(factor), content_type="text/plain", charset="utf-8")
+        step = int((time.monotonic() - started) // interval)
+        key = (speeds[i], step)
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = page.render(1.0 + (0.5 + speeds[i] * 1.5 / 7) / 60 * step * interval)
+        return web.Response(body=cache[key], content_type="text/plain", charset="utf-8")
 
     app = web.Application()
     app.router.add_get("/pods/{pod:\\d+}/metrics", handle)
@@ -208,9 +217,28 @@ def read_self_metrics(url: str) -> dict[str, float]:
 
 
 def query(url: str, expr: str) -> float | None:
-    with urllib.request.urlopen(url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=30) as r:
+    with urllib.request.urlopen(url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr}), timeout=60) as r:
         result = json.loads(r.read())["data"]["result"]
     return float(result[0]["value"][1]) if result else None
+
+
+def rule_expressions() -> list[str]:
+    import yaml
+
+    return [rule["expr"] for name in ("recording-rules.yaml", "alerts.yaml")
+            for group in yaml.safe_load((ROOT / "alerts" / name).read_text())["groups"] for rule in group["rules"]]
+
+
+def rule_cost(url: str) -> tuple[float, float]:
+    """Samples read and seconds spent evaluating every rule expression once, through the query API."""
+    samples = seconds = 0.0
+    for expr in rule_expressions():
+        params = urllib.parse.urlencode({"query": expr, "stats": "all"})
+        with urllib.request.urlopen(url + "/api/v1/query?" + params, timeout=120) as r:
+            stats = json.loads(r.read())["data"]["stats"]
+        samples += stats["samples"]["totalQueryableSamples"]
+        seconds += stats["timings"]["execTotalTime"]
+    return samples, seconds
 
 
 @dataclass
@@ -222,13 +250,17 @@ class Run:
     up: float
     scraped_per_target: float
     recorded: float
+    samples_per_cycle: float  # samples all rule expressions read once (machine-independent cost)
+    cycle_seconds: float  # time those queries took, one after the other
+    missed: float  # rule-group iterations Prometheus skipped because the previous one overran
+    data_seconds: float  # how much history the [5m] windows had at the end (the run's length, at most 300)
     cpu_cores: float  # Prometheus's CPU seconds per second over the steady part
     load: float  # median 1-minute load average of the machine during the steady part
 
 
 async def run_one(page: Page, pods: int, duration: float, interval: int, prometheus: str) -> Run:
     started = time.monotonic()
-    runner = web.AppRunner(pods_app(page, pods, started), access_log=None)
+    runner = web.AppRunner(pods_app(page, pods, started, interval), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0, backlog=2048).start()
     port = runner.addresses[0][1]
@@ -263,6 +295,9 @@ async def run_one(page: Page, pods: int, duration: float, interval: int, prometh
         scraped = await asyncio.to_thread(query, url, 'avg(scrape_samples_scraped{job="specdec-sidecar"})') or 0.0
         recorded = await asyncio.to_thread(
             query, url, 'count({__name__=~"namespace_.*:.*|specdec:.*"})') or 0.0
+        missed = await asyncio.to_thread(query, url, "sum(prometheus_rule_group_iterations_missed_total)") or 0.0
+        data_seconds = min(300.0, time.monotonic() - t0)
+        samples_per_cycle, cycle_seconds = await asyncio.to_thread(rule_cost, url)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -290,6 +325,10 @@ async def run_one(page: Page, pods: int, duration: float, interval: int, prometh
         up=up,
         scraped_per_target=scraped,
         recorded=recorded,
+        samples_per_cycle=samples_per_cycle,
+        cycle_seconds=cycle_seconds,
+        missed=missed,
+        data_seconds=data_seconds,
         cpu_cores=cpu,
         load=statistics.median(s["load"] for s in steady),
     )
@@ -298,13 +337,17 @@ async def run_one(page: Page, pods: int, duration: float, interval: int, prometh
 def table(runs: list[Run], page_series: int, interval: int, duration: float) -> str:
     groups = sorted({g for r in runs for g in r.rule_ms})
     head = ["pods", "targets up", "samples per scrape", "head series", "head series per pod", "recorded series",
-            *[f"`{g}` eval ms (median / max)" for g in groups], "Prometheus CPU (cores)",
+            *[f"`{g}` eval ms (median / max)" for g in groups], "missed rule iterations",
+            "samples read per rule cycle (at full 5m windows)", "rule cycle via query API (s)",
+            "Prometheus CPU (cores)",
             "Prometheus RSS (peak, MB)", "RSS per head series", "machine load (1 min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         row = [str(r.pods), f"{r.up:.0f}", f"{r.scraped_per_target:.0f}", f"{r.head_series:,.0f}",
                f"{r.head_series / r.pods:.0f}", f"{r.recorded:.0f}",
                *[f"{r.rule_ms[g][0]:.1f} / {r.rule_ms[g][1]:.1f}" if g in r.rule_ms else "—" for g in groups],
+               f"{r.missed:.0f}", f"{r.samples_per_cycle * 300 / r.data_seconds / 1e6:.1f} M",
+               f"{r.cycle_seconds:.2f}",
                f"{r.cpu_cores:.2f}", f"{r.rss_mb:.0f}", f"{r.rss_mb * 2**20 / max(r.head_series, 1) / 1024:.1f} KB",
                f"{r.load:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
