@@ -59,7 +59,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(("suppressed",))],
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *tail],
     )
     handler = _StderrHandler()
@@ -70,6 +70,11 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     root.addHandler(handler)
     root.setLevel(numeric)
     logging.captureWarnings(True)
+    # aiohttp's server logs every malformed request a client sends (with a traceback): one line per
+    # message kind every few seconds is enough to see it, a flood of them is not.
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RateLimitFilter) for f in server_log.filters):
+        server_log.addFilter(RateLimitFilter())
 
 
 class RateLimited:
@@ -92,4 +97,26 @@ class RateLimited:
         suppressed = int(state[1]) if state is not None else 0
         self._state[(event, reason)] = [now, 0]
         self._log.warning(event, reason=reason, suppressed=suppressed, **fields)
+        return True
+
+
+class RateLimitFilter(logging.Filter):
+    """The stdlib counterpart of ``RateLimited`` for loggers the sidecar does not own: at most one record
+    per message template every *every* seconds; the next one carries ``suppressed``."""
+
+    def __init__(self, every: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._every = every
+        self._clock = clock
+        self._state: dict[str, list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self._clock()
+        key = str(record.msg)
+        state = self._state.get(key)
+        if state is not None and now - state[0] < self._every:
+            state[1] += 1
+            return False
+        record.suppressed = int(state[1]) if state is not None else 0
+        self._state[key] = [now, 0]
         return True
