@@ -614,3 +614,41 @@ async def test_targets_that_are_not_paths_get_a_clean_400(counted, request_line,
     lines = [json.loads(line) for line in err.splitlines() if line.strip()]  # JSON, one object per line
     assert len(lines) == 1  # aiohttp's parser rejects authority-form itself: also one line
     assert counted.upstream.answered == 0
+
+
+# --- issue: smaller ones ---------------------------------------------------------------------------------
+
+async def test_error_event_after_a_200_is_counted_as_stream_error(aiohttp_client, raw_upstream):
+    registry = CollectorRegistry()
+    settings = build_settings(upstream=raw_upstream.url, scrape_interval="1s", windows="10m", verdict_window="10m",
+                              proxy_port=0, proxy_host="127.0.0.1", models="tiny-target")
+    client = await aiohttp_client(create_app(settings, registry))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"http://127.0.0.1:{client.app[PROXY_PORT]}/v1/completions", headers={"X-Mode": "stream-error"},
+                          json={"model": "tiny-target", "stream": True, "temperature": 0}) as r:
+            assert r.status == 200
+            assert b'"engine died"' in await r.read()
+    await wait_for(lambda: value(registry, "specdec_requests_unattributed_total", reason="stream_error") == 1)
+    assert value(registry, "specdec_requests_unattributed_total", reason="no_usage") == 0
+
+
+async def test_request_bodies_beyond_the_shared_budget_pass_through_unobserved(raw_upstream):
+    """Each observed body is held once, charged to one budget for all in-flight requests; beyond the budget
+    a body streams through untouched and the request is counted as body_too_large."""
+    recorder = CountingRecorder()
+    runner, session, base, proxy = await start_proxy(raw_upstream.url, recorder, max_observed_body=4096,
+                                                     budget=6000)
+    body = json.dumps({"model": "m", "prompt": "z" * 3500}).encode()
+    # two at once: the first (never answered) holds its body; the second does not fit beside it
+    async with aiohttp.ClientSession() as client:
+        first = asyncio.create_task(client.post(base + "/v1/completions", data=body, headers={"X-Mode": "hold"}))
+        await wait_for(lambda: proxy.budget.held > 0)
+        async with client.post(base + "/v1/completions", data=body, headers={"X-Mode": "echo"}) as r:
+            got = await r.json()
+        first.cancel()
+    await wait_for(lambda: len(recorder.calls) == 2)
+    await runner.cleanup()
+    await session.close()
+    assert got["sha256"] == hashlib.sha256(body).hexdigest()
+    assert [info.parse_error for info, _ in recorder.calls] == ["body_too_large", None]
+    assert proxy.budget.held == 0

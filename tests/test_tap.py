@@ -102,3 +102,126 @@ def test_end_of_sequence_only_stream_still_has_a_first_token_time():
     observer.finish(9.0, outcome)
     assert outcome.first_token_at == 2.0  # the chunk carrying finish_reason, not the role chunk
     assert outcome.content_chunks == 0
+
+
+# --- the fast path: bytes checks instead of a JSON parse per event -------------------------------------
+
+def reference_outcome(data: bytes) -> tuple:
+    """What a full JSON parse of every event says: content chunks, first-token chunk, completion tokens,
+    speculative metrics (the observer's contract, computed the slow and obvious way)."""
+    chunks, first, tokens, spec = 0, None, None, None
+    for i, line in enumerate(data.split(b"\n")):
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[6:])
+        content = any(
+            (c.get("text") or any((c.get("delta") or {}).get(k) for k in ("content", "reasoning_content", "reasoning"))
+             or (c.get("delta") or {}).get("tool_calls"))
+            for c in event.get("choices") or [])
+        if content:
+            chunks += 1
+        if first is None and (content or any(c.get("finish_reason") for c in event.get("choices") or [])):
+            first = i
+        if isinstance(event.get("usage"), dict) and event["usage"].get("completion_tokens") is not None:
+            tokens = event["usage"]["completion_tokens"]
+        if isinstance(event.get("metrics"), dict):
+            spec = event["metrics"]["speculative_decoding"]["num_accepted_draft_tokens"]
+    return chunks, first, tokens, spec
+
+
+def observe_lines(data: bytes) -> tuple:
+    """Feed line by line, each line in two pieces (so lines straddle feeds); "now" is the line's index."""
+    outcome = Outcome(status=200)
+    observer = SseObserver()
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines[:-1]):
+        cut = len(line) // 3
+        observer.feed(line[:cut], float(i), outcome)
+        observer.feed(line[cut:] + b"\n", float(i), outcome)
+    observer.feed(lines[-1], float(len(lines)), outcome)
+    observer.finish(float(len(lines)), outcome)
+    accepted = outcome.spec.accepted if outcome.spec is not None and outcome.spec.source == "vllm" else None
+    return outcome.content_chunks, outcome.first_token_at, outcome.completion_tokens, accepted
+
+
+def spaced(data: bytes) -> bytes:
+    """The same events as JSON with spaces after ':' and ',' (not vLLM's compact form)."""
+    out = []
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: {"):
+            line = b"data: " + json.dumps(json.loads(line[6:]), separators=(", ", ": ")).encode()
+        out.append(line)
+    return b"\n".join(out)
+
+
+@pytest.mark.parametrize("name", ["completion-stream.sse", "chat-stream.sse", "completion-stream-no-spec-metrics.sse"])
+@pytest.mark.parametrize("form", ["compact", "spaced"])
+def test_observer_agrees_with_a_full_parse_of_every_event(name, form):
+    data = (FIXTURES / name).read_bytes()
+    if form == "spaced":
+        data = spaced(data)
+    chunks, first, tokens, accepted = observe_lines(data)
+    want_chunks, want_first, want_tokens, want_accepted = reference_outcome(data)
+    assert (chunks, tokens, accepted) == (want_chunks, want_tokens, want_accepted)
+    assert first is not None and int(first) == want_first
+
+
+chunk_text = st.one_of(st.just(""), st.text(max_size=8))
+
+
+@given(st.lists(st.tuples(st.sampled_from(["text", "content", "reasoning_content", "tool_calls", "role"]),
+                          chunk_text, st.sampled_from([None, "stop", "length"]), st.booleans()), max_size=12),
+       st.integers(0, 50))
+def test_fast_path_agrees_with_a_full_parse_on_random_streams(events, tokens):
+    lines = []
+    for key, text, finish, with_usage in events:
+        if key == "text":
+            choice = {"index": 0, "text": text, "finish_reason": finish}
+        elif key == "tool_calls":
+            choice = {"index": 0, "delta": {"tool_calls": [{"id": text}] if text else []}, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "delta": {key: text}, "finish_reason": finish}
+        event = {"id": "x", "choices": [choice]}
+        if with_usage:
+            event["usage"] = {"completion_tokens": tokens}
+        lines.append(b"data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
+    lines.append(b'data: {"choices":[],"usage":{"completion_tokens":%d}}' % tokens)
+    data = b"\n\n".join(lines) + b"\n\ndata: [DONE]\n\n"
+    got = observe_lines(data)
+    want = reference_outcome(data)
+    assert got[0] == want[0] and got[2] == want[2]
+    assert (got[1] is None and want[1] is None) or int(got[1]) == want[1]
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"error":{"message":"engine died","type":"InternalServerError","code":500}}',
+    b'data: {"object":"error","message":"boom","type":"BadRequestError","param":null,"code":400}',
+    b'data: {"type":"error","code":"server_error","message":"boom"}',
+])
+def test_mid_stream_error_event_is_not_a_success(event):
+    data = (FIXTURES / "completion-stream.sse").read_bytes()
+    head = b"\n\n".join(data.split(b"\n\n")[:3]) + b"\n\n"
+    outcome = feed_all(SseObserver(), head + event + b"\n\ndata: [DONE]\n\n")
+    assert outcome.stream_error and outcome.unattributed == "stream_error" and outcome.spec is None
+
+
+def test_observers_charge_and_return_the_shared_budget():
+    from sidecar.tap.observe import Budget
+
+    budget = Budget(1000)
+    first, second = BodyObserver(800, budget), BodyObserver(800, budget)
+    outcome_a, outcome_b = Outcome(status=200), Outcome(status=200)
+    first.feed(b"{" + b" " * 598 + b"}", 1.0, outcome_a)
+    assert budget.held == 600
+    second.feed(b" " * 500, 1.0, outcome_b)  # 600 + 500 > 1000: passes through unobserved
+    assert budget.held == 600
+    second.finish(2.0, outcome_b)
+    assert outcome_b.unattributed == "response_too_large"
+    first.finish(2.0, outcome_a)
+    assert budget.held == 0
+    sse = SseObserver(limit=100, budget=budget)
+    sse.feed(b'data: {"choices":[{"text":"' + b"x" * 200, 1.0, outcome_a)  # an incomplete line over the limit
+    assert budget.held == 0
+    sse.feed(b"data: [DO", 1.0, Outcome())
+    sse.close()
+    assert budget.held == 0

@@ -63,3 +63,24 @@ def test_top_once_against_unreachable_url_says_so():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "cannot read metrics" in proc.stdout
+
+
+def test_ttft_and_tpot_come_from_streamed_requests_only():
+    """A page from a sidecar that still labels non-streamed requests' TTFT (their whole body time): those
+    must not be summed into the streamed distribution."""
+    from sidecar.upstream.exposition import Sample
+
+    def hist(name, stream, counts):
+        edges = (0.1, 1.0, 10.0, float("inf"))
+        return [Sample(name + "_bucket", (("le", "+Inf" if le == float("inf") else str(le)), ("model", "m"),
+                                          ("stream", stream), ("temperature_bucket", "0")), float(c))
+                for le, c in zip(edges, counts)]
+
+    samples = [Sample("specdec_requests_total", (("model", "m"), ("status_class", "2xx"),
+                                                 ("temperature_bucket", "0")), 20.0)]
+    samples += hist("specdec_request_ttft_seconds", "true", (10, 10, 10, 10))     # all under 0.1 s
+    samples += hist("specdec_request_ttft_seconds", "false", (0, 0, 10, 10))      # whole bodies: 1-10 s
+    samples += hist("specdec_request_tpot_seconds", "true", (10, 10, 10, 10))
+    samples += hist("specdec_request_tpot_seconds", "false", (0, 10, 10, 10))
+    row = build_view(samples, None, 10.0).buckets[0]
+    assert row.ttft_p99 <= 0.1 and row.tpot_p99 <= 0.1

@@ -2,7 +2,8 @@
 
 Per model: acceptance from vLLM's counters, KV usage, waiting requests and the verdict. Per model and
 temperature bucket: acceptance, P10/P50/P90 of per-request acceptance, mean acceptance length, TTFT and
-TPOT P50/P99 and the bucket's verdict. Distributions are over the last ``--window`` seconds of what this
+TPOT P50/P99 of streamed requests (``stream="true"``; a non-streamed request's "first token" is its whole
+body) and the bucket's verdict. Distributions are over the last ``--window`` seconds of what this
 view has seen (differences of the sidecar's counters and histogram buckets), so they move with traffic.
 """
 
@@ -154,6 +155,8 @@ def build_view(now: list[Sample], base: list[Sample] | None, span: float) -> Vie
         elif name == "specdec_request_spec_steps_total":
             totals[key]["steps"] += value
         elif name.endswith("_bucket"):
+            if lab.get("stream", "true") != "true":
+                continue  # TTFT/TPOT of streamed requests only, as the recording rules: a body is not a token
             kind = name.removeprefix("specdec_request_").removesuffix("_bucket")
             hist[(key, kind)][float(lab["le"])] += value
     for (name, labels), value in current.items():
