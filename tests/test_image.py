@@ -86,6 +86,8 @@ def base_image() -> str:
 def image() -> dict:
     """Build the image with `make image` on the mmdebstrap base; returns its OCI config."""
     base = base_image()
+    before = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", IMAGE], capture_output=True,
+                            text=True, timeout=60).stdout.strip()
     started = time.monotonic()
     # -o: never (re)create the virtualenv from here; the one running the tests builds the wheelhouse.
     sh(["make", "--no-print-directory", "-o", ".venv/.installed", "image", f"IMAGE={IMAGE}", f"IMAGE_BASE={base}",
@@ -93,6 +95,9 @@ def image() -> dict:
        timeout=900, cwd=ROOT)
     print(f"make image took {time.monotonic() - started:.0f} s", file=sys.stderr)
     inspect = json.loads(sh(["buildah", "inspect", "--type", "image", IMAGE], timeout=60).stdout)
+    if before and before != inspect["FromImageID"]:
+        # the previous build of this tag, now untagged: do not let repeated runs pile up images
+        subprocess.run(["podman", "rmi", before], capture_output=True, timeout=120)
     return inspect["OCIv1"]["config"]
 
 
