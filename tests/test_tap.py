@@ -144,6 +144,33 @@ def observe_lines(data: bytes) -> tuple:
     return outcome.content_chunks, outcome.first_token_at, outcome.completion_tokens, accepted
 
 
+def observe_events(data: bytes, per_feed: int) -> tuple:
+    """Feed *per_feed* whole events at a time (a proxy read often holds several); "now" is the index of the
+    first line of the feed."""
+    outcome = Outcome(status=200)
+    observer = SseObserver()
+    events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
+    line = 0
+    for i in range(0, len(events), per_feed):
+        block = b"".join(events[i : i + per_feed])
+        observer.feed(block, float(line), outcome)
+        line += block.count(b"\n")
+    observer.finish(float(line), outcome)
+    accepted = outcome.spec.accepted if outcome.spec is not None and outcome.spec.source == "vllm" else None
+    return outcome.content_chunks, outcome.first_token_at, outcome.completion_tokens, accepted
+
+
+@pytest.mark.parametrize("name", ["completion-stream.sse", "chat-stream.sse", "completion-stream-no-spec-metrics.sse"])
+@pytest.mark.parametrize("per_feed", [1, 3, 1000])
+def test_whole_events_per_read_agree_with_a_full_parse(name, per_feed):
+    data = (FIXTURES / name).read_bytes()
+    chunks, first, tokens, accepted = observe_events(data, per_feed)
+    want_chunks, want_first, want_tokens, want_accepted = reference_outcome(data)
+    assert (chunks, tokens, accepted) == (want_chunks, want_tokens, want_accepted)
+    if per_feed == 1:
+        assert int(first) == want_first
+
+
 def spaced(data: bytes) -> bytes:
     """The same events as JSON with spaces after ':' and ',' (not vLLM's compact form)."""
     out = []
@@ -187,10 +214,13 @@ def test_fast_path_agrees_with_a_full_parse_on_random_streams(events, tokens):
         lines.append(b"data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
     lines.append(b'data: {"choices":[],"usage":{"completion_tokens":%d}}' % tokens)
     data = b"\n\n".join(lines) + b"\n\ndata: [DONE]\n\n"
-    got = observe_lines(data)
     want = reference_outcome(data)
+    got = observe_lines(data)
     assert got[0] == want[0] and got[2] == want[2]
     assert (got[1] is None and want[1] is None) or int(got[1]) == want[1]
+    for per_feed in (1, 4):
+        got = observe_events(data, per_feed)
+        assert got[0] == want[0] and got[2] == want[2]
 
 
 @pytest.mark.parametrize("event", [

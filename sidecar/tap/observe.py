@@ -264,6 +264,11 @@ class BodyObserver:
 # escaped, so a key pattern that starts with '"' can only match the structure, never text a model wrote.
 _CONTENT_KEYS = (b'"text":"', b'"content":"', b'"reasoning_content":"', b'"reasoning":"')
 _QUOTE = 0x22
+# Events with these go through the line-by-line path: errors and non-compact JSON need a parse, Responses
+# API events and tool calls have their own rules, and vLLM may send `reasoning` beside `reasoning_content`
+# in one delta (two keys, one chunk).
+_NEEDS_LINES = (b'"error"', b'": ', b'"type":"response.', b'"tool_calls":[', b'"reasoning')
+_BLOCK_CONTENT_KEYS = (b'"text":"', b'"content":"')
 _CLOSE_BRACKET = 0x5D
 
 
@@ -305,16 +310,47 @@ class SseObserver:
         if self._broken:
             return
         data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n")
-        if end < 0:
+        end = data.rfind(b"\n") + 1
+        if end == 0:
             self._keep(data)
             return
-        self._keep(data[end + 1 :])
-        if self._broken:
+        self._keep(data[end:] if end < len(data) else b"")
+        if self._broken or self._block(data, end, now, outcome):
             return
         for line in data[:end].split(b"\n"):
             if line[:5] == b"data:":
                 self._line(line, now, outcome)
+
+    def _block(self, data: bytes, end: int, now: float, outcome: Outcome) -> bool:
+        """All complete events of one read at once, by counting byte patterns over ``data[:end]``, when
+        they have vLLM's plain shape: only ``data: `` lines each followed by a blank line, compact JSON, one
+        content key per event, nothing that needs a parse. False (and nothing done) otherwise."""
+        events = data.count(b"data: ", 0, end)
+        if not events or data.count(b"\n", 0, end) != 2 * events:
+            return False
+        for marker in _NEEDS_LINES:
+            if data.find(marker, 0, end) >= 0:
+                return False
+        content = 0
+        for key in _BLOCK_CONTENT_KEYS:
+            found = data.count(key, 0, end)
+            if found:
+                content += found - data.count(key + b'"', 0, end)
+        if content:
+            outcome.content_chunks += content
+            if outcome.first_token_at is None:
+                outcome.first_token_at = now
+            outcome.last_token_at = now
+        elif outcome.first_token_at is None and data.find(b'"finish_reason":"', 0, end) >= 0:
+            outcome.first_token_at = outcome.last_token_at = now
+        at = data.rfind(b'"usage":{', 0, end)
+        if at >= 0:
+            self._last_usage = data[data.rfind(b"\n", 0, at) + 1 : data.find(b"\n", at, end)]
+        at = data.rfind(b'"speculative_decoding"', 0, end)
+        if at >= 0:
+            line = data[data.rfind(b"\n", 0, at) + 1 : data.find(b"\n", at, end)]
+            self._last_spec = self._last_usage if line == self._last_usage else line
+        return True
 
     def _keep(self, rest: bytes) -> None:
         """Hold an incomplete line; a line longer than the limit, or beyond the shared budget, ends the
