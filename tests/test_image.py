@@ -97,7 +97,9 @@ def image() -> dict:
     inspect = json.loads(sh(["buildah", "inspect", "--type", "image", IMAGE], timeout=60).stdout)
     if before and before != inspect["FromImageID"]:
         # the previous build of this tag, now untagged: do not let repeated runs pile up images
-        subprocess.run(["podman", "rmi", before], capture_output=True, timeout=120)
+        gone = subprocess.run(["podman", "rmi", before], capture_output=True, text=True, timeout=120)
+        if gone.returncode != 0:
+            print(f"could not remove the previous image {before[:12]}: {gone.stderr.strip()}", file=sys.stderr)
     return inspect["OCIv1"]["config"]
 
 
