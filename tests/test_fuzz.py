@@ -447,7 +447,8 @@ def test_ten_thousand_model_names_and_odd_temperatures_keep_labels_bounded(stack
 
     _, _, _, before = family_series()
     run(1000, 0)
-    first, _, _, _ = family_series()
+    first, _, _, counted_first = family_series()
+    assert counted_first - before == 1000, "every observed request is counted exactly once"
     run(9000, 1000)
     series, models, buckets, counted = family_series()
     total = stack.call(_metrics_text(stack))
