@@ -59,6 +59,7 @@ bench: venv system-deps
 	$(BIN)/python bench/bench_scrape.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_proxy.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_fleet.py --write docs/scaling.md
+	$(BIN)/python bench/bench_load.py --streams 1000 --slow 100
 
 ## vllm: a separate virtualenv with vLLM's CPU build (its pins stay out of the sidecar's)
 vllm: $(VLLM_VENV)/.installed
