@@ -113,8 +113,8 @@ def main() -> int:
             "what": "/metrics of an idle vLLM right after start-up (nothing was sent)",
             "target": "models/tiny-target",
             "speculative_config": ({**spec, "model": "models/tiny-draft"} if spec else None),
-            "vllm_args": [a if not a.startswith(str(args.models)) else "models/" + Path(a).name for a in flags
-                          if not a.startswith("{")],
+            "vllm_args": [json.dumps({**spec, "model": "models/tiny-draft"}) if spec and a.startswith("{")
+                          else "models/" + Path(a).name if a.startswith(str(args.models)) else a for a in flags],
             "env": {"VLLM_CPU_KVCACHE_SPACE": None if unset else "1"},
         }
         manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
