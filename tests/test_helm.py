@@ -380,6 +380,15 @@ def test_native_sidecar_or_second_container():
     assert "restartPolicy" not in spec["containers"][1]
 
 
+def test_native_sidecar_needs_kubernetes_1_29():
+    """Before 1.29 an init container's restartPolicy is dropped and the sidecar would block the pod forever."""
+    old = run([HELM, "template", "rel", str(CHART), "--kube-version", "1.28.4"], check=False)
+    assert old.returncode != 0 and "sidecar.native needs Kubernetes 1.29+" in old.stderr
+    out = run([HELM, "template", "rel", str(CHART), "--kube-version", "1.28.4", "--set", "sidecar.native=false"]).stdout
+    spec = pod_spec([d for d in yaml.safe_load_all(out) if d])
+    assert "initContainers" not in spec and container(spec, "specdec-sidecar")
+
+
 @pytest.mark.parametrize("scenario", ["default", "all-toggles", "gpu"])
 def test_no_service_port_reaches_vllm(scenario):
     docs = render(scenario)
