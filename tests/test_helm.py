@@ -578,6 +578,7 @@ def test_dashboard_configmaps_hold_the_dashboards():
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert cm["metadata"]["annotations"] == {"grafana_folder": "Speculative decoding"}
         assert len(cm["metadata"]["name"]) <= 63
+        assert sum(len(v.encode()) for v in cm["data"].values()) < 1024 * 1024  # a ConfigMap holds at most 1 MiB
         held.update(cm["data"])
     assert held == sources  # byte for byte
     custom = helm_template("--set", "dashboards.enabled=true", "--set", "dashboards.label=dash",
