@@ -1,7 +1,7 @@
 """The container image, built and run for real without a registry or a container daemon:
 
 1. a Debian bookworm base (python3 3.11 + venv) made by ``mmdebstrap`` and imported with ``podman import``
-   (cached as .cache/image/debian-bookworm-python3.tar; a fresh clone builds it, about 3 minutes);
+   (cached as .cache/image/debian-bookworm-python3.tar; a fresh clone builds it: 3 to 5 minutes here);
 2. ``make image`` with that base: the wheelhouse built on the host, then ``buildah bud --isolation chroot``
    of the Containerfile (``pip install --no-index`` inside);
 3. ``buildah run --isolation chroot`` of ``specdec-sidecar serve`` in the built image against a loopback
