@@ -178,7 +178,8 @@ def pods_app(page: Page, pods: int, started: float, interval: int) -> web.Applic
 
 # --- 3. Prometheus ----------------------------------------------------------------------------------------
 
-def write_config(workdir: Path, port: int, pods: int, interval: int) -> Path:
+def write_config(workdir: Path, port: int, pods: int, interval: int, idle: bool = False) -> Path:
+    """The fleet's scrape job and the project's rule files; ``idle``: neither (to measure queries alone)."""
     groups = [
         {"targets": [f"127.0.0.1:{port}"],
          "labels": {"__metrics_path__": f"/pods/{i}/metrics", "namespace": "ml", "pod": f"vllm-{i:04d}",
@@ -188,8 +189,8 @@ def write_config(workdir: Path, port: int, pods: int, interval: int) -> Path:
     config = {
         "global": {"scrape_interval": f"{interval}s", "scrape_timeout": f"{interval}s",
                    "evaluation_interval": f"{interval}s"},
-        "rule_files": [str(ROOT / "alerts" / "recording-rules.yaml"), str(ROOT / "alerts" / "alerts.yaml")],
-        "scrape_configs": [{"job_name": "specdec-sidecar", "static_configs": groups}],
+        "rule_files": [] if idle else [str(ROOT / "alerts" / name) for name in ("recording-rules.yaml", "alerts.yaml")],
+        "scrape_configs": [] if idle else [{"job_name": "specdec-sidecar", "static_configs": groups}],
     }
     path = workdir / "prometheus.yml"
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
@@ -210,6 +211,8 @@ def read_self_metrics(url: str) -> dict[str, float]:
                                       "process_cpu_seconds_total"):
                 name, value = line.split(" ")
                 wanted[name] = float(value)
+            elif line.startswith("prometheus_rule_group_iterations_missed_total{"):
+                wanted["missed"] = wanted.get("missed", 0.0) + float(line.rsplit(" ", 1)[1])
             elif line.startswith("prometheus_rule_group_last_duration_seconds{"):
                 group = re.search(r'rule_group="[^"]*;([^"]+)"', line).group(1)
                 wanted["rule:" + group] = float(line.rsplit(" ", 1)[1])
@@ -230,15 +233,17 @@ def rule_expressions() -> list[str]:
 
 
 def rule_cost(url: str) -> tuple[float, float]:
-    """Samples read and seconds spent evaluating every rule expression once, through the query API."""
-    samples = seconds = 0.0
+    """Samples read and Prometheus CPU seconds spent evaluating every rule expression once, through the query
+    API, with scraping and rule evaluation switched off (so the CPU is the queries' own, whatever else
+    the machine runs)."""
+    samples = 0.0
+    cpu_before = read_self_metrics(url)["process_cpu_seconds_total"]
     for expr in rule_expressions():
         params = urllib.parse.urlencode({"query": expr, "stats": "all"})
         with urllib.request.urlopen(url + "/api/v1/query?" + params, timeout=120) as r:
             stats = json.loads(r.read())["data"]["stats"]
         samples += stats["samples"]["totalQueryableSamples"]
-        seconds += stats["timings"]["execTotalTime"]
-    return samples, seconds
+    return samples, read_self_metrics(url)["process_cpu_seconds_total"] - cpu_before
 
 
 @dataclass
@@ -251,7 +256,7 @@ class Run:
     scraped_per_target: float
     recorded: float
     samples_per_cycle: float  # samples all rule expressions read once (machine-independent cost)
-    cycle_seconds: float  # time those queries took, one after the other
+    cycle_cpu: float  # Prometheus CPU seconds those queries took
     missed: float  # rule-group iterations Prometheus skipped because the previous one overran
     data_seconds: float  # how much history the [5m] windows had at the end (the run's length, at most 300)
     cpu_cores: float  # Prometheus's CPU seconds per second over the steady part
@@ -269,7 +274,7 @@ async def run_one(page: Page, pods: int, duration: float, interval: int, prometh
     url = f"http://127.0.0.1:{prom_port}"
     log = open(workdir / "prometheus.log", "wb")
     proc = subprocess.Popen(
-        [prometheus, f"--config.file={write_config(workdir, port, pods, interval)}",
+        [prometheus, f"--config.file={write_config(workdir, port, pods, interval)}", "--web.enable-lifecycle",
          f"--storage.tsdb.path={workdir / 'tsdb'}", f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     samples: list[tuple[float, dict[str, float]]] = []
@@ -295,9 +300,12 @@ async def run_one(page: Page, pods: int, duration: float, interval: int, prometh
         scraped = await asyncio.to_thread(query, url, 'avg(scrape_samples_scraped{job="specdec-sidecar"})') or 0.0
         recorded = await asyncio.to_thread(
             query, url, 'count({__name__=~"namespace_.*:.*|specdec:.*"})') or 0.0
-        missed = await asyncio.to_thread(query, url, "sum(prometheus_rule_group_iterations_missed_total)") or 0.0
+        missed = (await asyncio.to_thread(read_self_metrics, url)).get("missed", 0.0)
         data_seconds = min(300.0, time.monotonic() - t0)
-        samples_per_cycle, cycle_seconds = await asyncio.to_thread(rule_cost, url)
+        write_config(workdir, port, pods, interval, idle=True)
+        await asyncio.to_thread(urllib.request.urlopen, urllib.request.Request(url + "/-/reload", method="POST"))
+        await asyncio.sleep(2 * interval)  # let a running scrape or evaluation finish
+        samples_per_cycle, cycle_cpu = await asyncio.to_thread(rule_cost, url)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -326,7 +334,7 @@ async def run_one(page: Page, pods: int, duration: float, interval: int, prometh
         scraped_per_target=scraped,
         recorded=recorded,
         samples_per_cycle=samples_per_cycle,
-        cycle_seconds=cycle_seconds,
+        cycle_cpu=cycle_cpu,
         missed=missed,
         data_seconds=data_seconds,
         cpu_cores=cpu,
@@ -338,7 +346,7 @@ def table(runs: list[Run], page_series: int, interval: int, duration: float) -> 
     groups = sorted({g for r in runs for g in r.rule_ms})
     head = ["pods", "targets up", "samples per scrape", "head series", "head series per pod", "recorded series",
             *[f"`{g}` eval ms (median / max)" for g in groups], "missed rule iterations",
-            "samples read per rule cycle (at full 5m windows)", "rule cycle via query API (s)",
+            "samples read per rule cycle", "Prometheus CPU s per rule cycle",
             "Prometheus CPU (cores)",
             "Prometheus RSS (peak, MB)", "RSS per head series", "machine load (1 min)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -346,8 +354,7 @@ def table(runs: list[Run], page_series: int, interval: int, duration: float) -> 
         row = [str(r.pods), f"{r.up:.0f}", f"{r.scraped_per_target:.0f}", f"{r.head_series:,.0f}",
                f"{r.head_series / r.pods:.0f}", f"{r.recorded:.0f}",
                *[f"{r.rule_ms[g][0]:.1f} / {r.rule_ms[g][1]:.1f}" if g in r.rule_ms else "—" for g in groups],
-               f"{r.missed:.0f}", f"{r.samples_per_cycle * 300 / r.data_seconds / 1e6:.1f} M",
-               f"{r.cycle_seconds:.2f}",
+               f"{r.missed:.0f}", f"{r.samples_per_cycle / 1e6:.2f} M", f"{r.cycle_cpu:.2f}",
                f"{r.cpu_cores:.2f}", f"{r.rss_mb:.0f}", f"{r.rss_mb * 2**20 / max(r.head_series, 1) / 1024:.1f} KB",
                f"{r.load:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
@@ -355,7 +362,10 @@ def table(runs: list[Run], page_series: int, interval: int, duration: float) -> 
                              text=True).stdout.splitlines()[0]
     note = (f"Page: {page_series} sample lines. {version}; scrape and evaluation every {interval} s; "
             f"{duration:.0f} s per run, figures over the last two thirds; {os.cpu_count()} cores "
-            f"({platform.machine()}), shared with the page server.")
+            f"({platform.machine()}), shared with the page server. A rule cycle is every rule expression "
+            f"evaluated once through the query API with scraping and rules switched off, over "
+            f"{min(runs[0].data_seconds, 300):.0f} s of history (a full [5m] window reads up to "
+            f"{300 / min(runs[0].data_seconds, 300):.1f}x the samples).")
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
