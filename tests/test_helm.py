@@ -414,20 +414,98 @@ def test_vllm_args_always_enable_per_request_metrics(scenario):
     if SCENARIOS[scenario]:
         override = yaml.safe_load(Path(SCENARIOS[scenario][1]).read_text())
         values["vllm"].update(override.get("vllm", {}))
+    spec_config = values["vllm"]["speculativeConfig"]
+    if isinstance(spec_config, str):
+        spec_config = json.loads(spec_config)
     vllm = container(pod_spec(render(scenario)), "vllm")
     args = vllm["args"]
     assert args[args.index("--per-request-spec-decode-metrics") + 1] == "summary"
     assert "--enable-force-include-usage" in args
     assert args[args.index("--model") + 1] == values["vllm"]["model"]
-    if values["vllm"]["speculativeConfig"]:
-        assert json.loads(args[args.index("--speculative-config") + 1]) == values["vllm"]["speculativeConfig"]
-    else:
-        assert "--speculative-config" not in args
+    assert json.loads(args[args.index("--speculative-config") + 1]) == spec_config
     assert vllm["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
     assert mounts["dshm"] == "/dev/shm"
     volumes = {v["name"]: v for v in pod_spec(render(scenario))["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+
+
+def test_without_speculation_vllm_gets_no_per_request_flag():
+    """vLLM 0.32 refuses --per-request-spec-decode-metrics without --speculative-config (seen in
+    test_vllm_accepts_the_rendered_args): with speculation off the chart leaves that flag out."""
+    for off in (["--set", "vllm.speculativeConfig="], ["--set-json", "vllm.speculativeConfig={}"]):
+        args = container(pod_spec([d for d in yaml.safe_load_all(helm_template(*off).stdout) if d]), "vllm")["args"]
+        assert "--speculative-config" not in args and "--per-request-spec-decode-metrics" not in args
+        assert "--enable-force-include-usage" in args
+    bad = helm_template("--set-string", "vllm.speculativeConfig=[1]", check=False)
+    assert bad.returncode != 0 and "not a JSON object" in bad.stderr
+
+
+VLLM_CHECK = r"""
+import json, sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+from vllm.engine.arg_utils import AsyncEngineArgs
+
+results = {}
+for name, args in json.loads(sys.argv[1]).items():
+    try:
+        parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
+        validate_parsed_serve_args(parsed)
+        config = AsyncEngineArgs.from_cli_args(parsed).create_engine_config()
+        results[name] = {"ok": True, "per_request": config.observability_config.per_request_spec_decode_metrics,
+                         "spec": config.speculative_config.method if config.speculative_config else None,
+                         "force_usage": parsed.enable_force_include_usage, "host": parsed.host, "port": parsed.port}
+    except BaseException as error:  # argparse exits; config validation raises
+        results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def _vllm_python() -> Path | None:
+    python = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    return python if python.exists() and (ROOT / "models" / "tiny-target").is_dir() else None
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(_vllm_python() is None, reason="vLLM's virtualenv (make vllm) or models/ missing")
+def test_vllm_accepts_the_rendered_args(tmp_path):
+    """vLLM 0.32's own argument parser and engine-config validation (no model weights loaded, no server) take
+    the vLLM arguments of every scenario and of the patched Deployment. The model ids are swapped for the
+    embedded tiny pair, the only models on this machine; everything else is as rendered."""
+
+    def local(args: list[str]) -> list[str]:
+        args = list(args)
+        args[args.index("--model") + 1] = str(ROOT / "models" / "tiny-target")
+        if "--speculative-config" in args:
+            i = args.index("--speculative-config") + 1
+            config = json.loads(args[i])
+            if "model" in config:
+                config["model"] = str(ROOT / "models" / "tiny-draft")
+            args[i] = json.dumps(config)
+        return args
+
+    cases = {name: local(container(pod_spec(render(name)), "vllm")["args"])
+             for name in ("default", "all-toggles", "gpu")}
+    deployment = yaml.safe_load_all((DEPLOY / "vllm-deployment.example.yaml").read_text()).__next__()
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump(deployment))
+    patched = run([KUBECTL, "patch", "--local", "-f", str(tmp_path / "d.yaml"), "--type", "json",
+                   "--patch-file", str(DEPLOY / "vllm-args-patch.json"), "-o", "json"]).stdout
+    cases["patched-deployment"] = local(json.loads(patched)["spec"]["template"]["spec"]["containers"][0]["args"])
+    # the same check refuses what vLLM refuses: the per-request flag without speculation
+    cases["refused"] = [a for a in cases["default"] if a != "--speculative-config" and not a.startswith("{")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.run([str(_vllm_python()), "-c", VLLM_CHECK, json.dumps(cases)], capture_output=True,
+                          text=True, timeout=540, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
+    assert line, proc.stderr[-3000:]
+    results = json.loads(line.removeprefix("RESULTS "))
+    for name in ("default", "all-toggles", "gpu", "patched-deployment"):
+        assert results[name]["ok"], f"{name}: {results[name]}"
+        assert results[name]["per_request"] == "summary" and results[name]["force_usage"] is True
+    assert results["default"]["spec"] == "ngram" and results["all-toggles"]["spec"] == "draft_model"
+    assert (results["default"]["host"], results["default"]["port"]) == ("127.0.0.1", 8200)
+    assert not results["refused"]["ok"] and "per-request-spec-decode-metrics" in results["refused"]["error"]
 
 
 def test_all_toggles_vllm_served_name_and_api_key():
@@ -442,7 +520,7 @@ def test_all_toggles_vllm_served_name_and_api_key():
     assert not any("upstream-api-key" in a for a in container(pod_spec(render("default")), "specdec-sidecar")["args"])
     args = vllm["args"]
     assert args[args.index("--served-model-name") + 1] == "target"
-    assert args[-2:] == ["--max-model-len", "4096"]
+    assert args[-2:] == ["--max-model-len", "1024"]
     [key] = [e for e in vllm["env"] if e["name"] == "VLLM_API_KEY"]
     assert key["valueFrom"]["secretKeyRef"] == {"name": "vllm-api-key", "key": "api-key"}
 
@@ -658,9 +736,10 @@ def test_notes_say_how_to_reach_proxy_metrics_and_status_page(tmp_path):
         return yaml.safe_load(out)["notes"]
 
     text = notes()
-    assert f"port-forward svc/rel-specdec-sidecar 8000:8000" in text
+    assert "port-forward svc/rel-specdec-sidecar 8000:8000" in text
     assert "http://127.0.0.1:9464/metrics" in text and "http://127.0.0.1:9464/ " in text
-    assert "status page" in text and "speculativeConfig is empty" in text
+    assert "status page" in text and "speculativeConfig is empty" not in text
+    assert "speculativeConfig is empty" in notes("--set", "vllm.speculativeConfig=")
     text = notes(*SCENARIOS["all-toggles"])
     assert "PrometheusRule rel-specdec-sidecar" in text and "PagerDuty" in text
     text = notes(*SCENARIOS["monitoring-only"])

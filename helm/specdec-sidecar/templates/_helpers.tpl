@@ -109,9 +109,10 @@ itself never appears in the pod spec). tests/test_helm.py parses the result with
 {{- end }}
 
 {{/*
-specdec-sidecar.vllmArgs: vLLM's server arguments as a YAML list. Always includes
---per-request-spec-decode-metrics summary (per-request acceptance in responses) and
---enable-force-include-usage (the final usage chunk, carrying those metrics, on every stream).
+specdec-sidecar.vllmArgs: vLLM's server arguments as a YAML list. With vllm.speculativeConfig set (the
+default) it includes --per-request-spec-decode-metrics summary (per-request acceptance in responses; vLLM 0.32
+refuses it without --speculative-config); --enable-force-include-usage (the final usage chunk, carrying those
+metrics, on every stream) always. tests/test_helm.py parses the result with vLLM's own parser and config.
 */}}
 {{- define "specdec-sidecar.vllmArgs" -}}
 - --model
@@ -125,11 +126,14 @@ specdec-sidecar.vllmArgs: vLLM's server arguments as a YAML list. Always include
 - --port
 - {{ .Values.vllm.port | quote }}
 {{- with .Values.vllm.speculativeConfig }}
-- --speculative-config
-- {{ toJson . | quote }}
+{{- if and (kindIs "string" .) (hasKey (fromJson .) "Error") }}
+{{- fail (printf "vllm.speculativeConfig is not a JSON object: %s" .) }}
 {{- end }}
+- --speculative-config
+- {{ (kindIs "string" .) | ternary . (toJson .) | quote }}
 - --per-request-spec-decode-metrics
 - summary
+{{- end }}
 - --enable-force-include-usage
 {{- range .Values.vllm.extraArgs }}
 - {{ . | quote }}
