@@ -616,8 +616,10 @@ def test_service_and_pod_monitors_scrape_the_sidecar_as_job_specdec_sidecar():
         assert any(r.get("targetLabel") == "namespace" and r.get("sourceLabels") == ["__meta_kubernetes_namespace"]
                    for r in relabel)
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
-        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["spec"]["selector"].items() \
-            or kind == "ServiceMonitor"
+    # the PodMonitor selects this release's pods, whose sidecar has the named port
+    pods = only(docs, "Deployment")["spec"]["template"]
+    assert only(docs, "PodMonitor")["spec"]["selector"]["matchLabels"].items() <= pods["metadata"]["labels"].items()
+    assert "specdec-metrics" in {p["name"] for p in container(pods["spec"], "specdec-sidecar")["ports"]}
     # the ServiceMonitor selects this release's Service, which has the named port
     sm = only(docs, "ServiceMonitor")
     assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
