@@ -291,11 +291,11 @@ async def run_slow_clients(sidecar: SidecarProcess, upstream: Upstream, m: int, 
     def mine() -> dict[int, int]:
         return {k: v for k, v in upstream.written.items() if base <= k < direct_id}
 
-    # Wait for the upstream's writes to stop (the buffers on the way are full), at most *stall* seconds;
+    # Wait for the upstream's writes to stop for 2 s (the buffers on the way are full), at most *stall* s;
     # then hold 2 s more: a proxy that kept reading upstream would still be writing.
     began = time.monotonic()
     last, still_since = sum(mine().values()), time.monotonic()
-    while time.monotonic() - began < stall and time.monotonic() - still_since < 1.0:
+    while time.monotonic() - began < stall and time.monotonic() - still_since < 2.0:
         await asyncio.sleep(0.2)
         now = sum(mine().values())
         if now != last:

@@ -119,8 +119,9 @@ async def test_slow_clients_back_pressure(upstream):
         in_kernel = 2 * kernel_buffer_max("tcp_wmem") + kernel_buffer_max("tcp_rmem") + rcvbuf
         assert result["upstream_written_per_stream_while_stalled_mb"] * mb <= in_kernel + 1 * mb
         # no reading upstream while the client drains nothing: the writes stopped, and stayed stopped
+        # (a proxy reading ahead into memory would keep the upstream writing at hundreds of MB/s)
         assert result["writes_stopped_after_s"] < 20.0
-        assert result["written_in_2s_after_writes_stopped_mb"] == 0
+        assert result["written_in_2s_after_writes_stopped_mb"] <= 0.25 * result["upstream_written_per_stream_while_stalled_mb"]
         # the upstream is read only as fast as the client drains: its lead over the client does not grow
         assert result["upstream_lead_after_drain_mb"] <= result["upstream_written_per_stream_while_stalled_mb"] + 0.1
         assert result["client_read_per_stream_mb"] > 0.05
