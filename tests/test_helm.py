@@ -1,8 +1,10 @@
 """The Helm chart (helm/specdec-sidecar) and the patch files for existing Deployments (deploy/), checked with
 the real tools: helm 3.17 and kubectl 1.30 (``make k8s-tools``), kubernetes-validate's strict 1.30 schemas for
 core objects, the Prometheus Operator's CRD schemas (from cloudcoil-models-prometheus-operator, made strict:
-unknown fields fail as `kubectl apply --validate=strict` would), promtool for the rendered rules, and the
-sidecar's own argument parser and settings for every flag the chart renders.
+unknown fields fail as `kubectl apply --validate=strict` would) and again with the validators
+@kubernetes-models/prometheus-operator compiles from the CRD openAPIV3Schema, promtool for the rendered rules,
+the sidecar's own argument parser and settings for every flag the chart renders, and vLLM's own parser and
+engine-config validation for vLLM's arguments.
 
 Scenarios: default values, all toggles on (ci/all-toggles-values.yaml), monitoring only
 (ci/monitoring-only-values.yaml) and a GPU pod (ci/gpu-values.yaml).
@@ -210,6 +212,33 @@ def test_operator_objects_validate_against_crd_schemas(scenario):
     for doc in docs:
         errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=str)
         assert not errors, f"{doc['kind']}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
+
+
+NPM_PREFIX = ROOT / ".tools" / "npm"
+OPERATOR_MODELS = NPM_PREFIX / "node_modules" / "@kubernetes-models" / "prometheus-operator"
+
+
+def crd_models_check(objects: list[dict]) -> list[dict]:
+    """The same objects through @kubernetes-models/prometheus-operator (npm), whose validators are compiled
+    from the operator's CRD openAPIV3Schema: a second, independent reading of the CRDs (types, enums,
+    patterns; it does not reject unknown fields, the strict check above does)."""
+    proc = subprocess.run(["node", str(ROOT / "tests" / "crd_validate.mjs")], input=json.dumps(objects),
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SPECDEC_NPM_PREFIX": str(NPM_PREFIX)})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.skipif(not (shutil.which("node") and OPERATOR_MODELS.is_dir()),
+                    reason="node or @kubernetes-models/prometheus-operator missing (make k8s-tools)")
+def test_operator_objects_validate_against_the_crd_openapi_schemas():
+    objects = [d for scenario in ("all-toggles", "monitoring-only") for d in render(scenario)
+               if d["kind"] in MONITORING_KINDS]
+    broken = json.loads(json.dumps(only(render("all-toggles"), "ServiceMonitor")))
+    broken["spec"]["endpoints"][0]["interval"] = 30  # a number where the CRD wants a duration string
+    results = crd_models_check([*objects, broken])
+    assert [r["ok"] for r in results[:-1]] == [True] * len(objects), [r for r in results if not r["ok"]]
+    assert not results[-1]["ok"] and "interval" in results[-1]["error"]
 
 
 def test_crd_validation_rejects_a_misspelt_field():
