@@ -24,10 +24,42 @@ from collections import defaultdict
 import pytest
 
 from conftest import start_vllm
+from sidecar.commands.measure_stats import VLLM_CONFIG_KEY, schedule
 from sidecar.upstream.vllm_metrics import read_vllm_metrics
-from devstack.vllm_server import REPO, ngram_config
+from devstack.vllm_server import REPO, ngram_config, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
+
+
+# Runs the installed vLLM's own schedule validator and reads SpeculativeConfig's fields from its source,
+# without importing the whole engine (which takes 15-30 s here).
+VLLM_CHECK = """
+import ast, importlib.util, json, pathlib, sys
+root = pathlib.Path(importlib.util.find_spec("vllm").submodule_search_locations[0])
+tree = ast.parse((root / "config" / "speculative.py").read_text())
+fields = {n.target.id for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name == "SpeculativeConfig"
+          for n in c.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+if sys.argv[1] not in fields:
+    sys.exit(f"SpeculativeConfig has no field {sys.argv[1]}")
+namespace = {}
+source = root / "v1" / "spec_decode" / "dynamic" / "utils.py"
+exec(compile(source.read_text(), str(source), "exec"), namespace)
+print(json.dumps(namespace["validate_and_normalize_dynamic_sd_schedule"](json.loads(sys.argv[2]))))
+"""
+
+
+def vllm_accepts_schedule(key: str, value: list) -> list:
+    done = subprocess.run([str(vllm_python()), "-c", VLLM_CHECK, key, json.dumps(value)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_suggested_schedules_pass_vllms_own_validation():
+    levels = [{"concurrency": c, "suggested_num_speculative_tokens": k} for c, k in ((1, 4), (4, 4), (8, 2), (32, 0))]
+    suggested = schedule(levels)
+    assert suggested["key"] == VLLM_CONFIG_KEY
+    assert vllm_accepts_schedule(suggested["key"], suggested["value"]) == [[1, 7, 4], [8, 31, 2], [32, 32, 0]]
 
 
 def spec_counters(url: str) -> tuple[float, float]:
@@ -140,6 +172,7 @@ def test_measure_on_real_vllm(servers, tmp_path):
     assert fit["k"] == 4 and [lv["concurrency"] for lv in fit["levels"]] == [1, 2]
     assert fit["schedule"]["key"] == "num_speculative_tokens_per_batch_size"
     assert fit["schedule"]["value"][0][0] == 1
+    vllm_accepts_schedule(fit["schedule"]["key"], fit["schedule"]["value"])
 
     import matplotlib.pyplot as plt
 
