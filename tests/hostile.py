@@ -150,3 +150,65 @@ class HostileVllm:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+class HostileRelay:
+    """Put in front of a real vLLM: its ``/metrics`` page comes back in ``write_size``-byte writes, gzipped
+    when asked, and every other request is relayed as is (status, headers, body streamed in pieces); idle
+    connections close after ``keepalive`` seconds, as uvicorn's do."""
+
+    HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"})
+
+    def __init__(self, target: str, *, write_size: int = 512, keepalive: float = 5.0) -> None:
+        self.target = target.rstrip("/")
+        self.write_size = write_size
+        self.keepalive = keepalive
+        self.metrics_polls = 0
+        self.gzip_polls = 0
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+        self._session = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def _relay(self, request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in self.HOP}
+        body = await request.read()
+        async with self._session.request(request.method, self.target + request.raw_path, headers=headers,
+                                         data=body or None) as upstream:
+            payload = await upstream.read()
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in self.HOP}
+            if request.path == "/metrics" and upstream.status == 200:
+                self.metrics_polls += 1
+                if "gzip" in request.headers.get("Accept-Encoding", ""):
+                    self.gzip_polls += 1
+                    payload = gzip.compress(payload)
+                    out["Content-Encoding"] = "gzip"
+            response = web.StreamResponse(status=upstream.status, headers=out)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for start in range(0, len(payload), self.write_size):
+                await response.write(payload[start : start + self.write_size])
+                await asyncio.sleep(0)
+            await response.write_eof()
+            return response
+
+    async def start(self) -> None:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession(auto_decompress=True)
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._relay)
+        self.runner = web.AppRunner(app, keepalive_timeout=self.keepalive, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.port = self.runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        if self._session is not None:
+            await self._session.close()

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from conftest import start_vllm, wait_for
+from hostile import HostileRelay
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
@@ -31,10 +32,16 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 MODELS = REPO / "models"
 
 
+API_KEY = "sk-e2e"
+
+
 @pytest.fixture(scope="module", params=["draft_model", "ngram"])
 def vllm(request, tmp_path_factory):
+    """A real vLLM run as in production: ``--api-key`` on /v1/*, uvicorn's 5 s keep-alive."""
     config = draft_model_config(MODELS / "tiny-draft") if request.param == "draft_model" else ngram_config()
-    with start_vllm(tmp_path_factory, config) as server:
+    server = start_vllm(tmp_path_factory, config)
+    server.extra_args = ["--api-key", API_KEY]
+    with server:
         yield server
 
 
@@ -98,18 +105,32 @@ def requests_mix(n: int) -> list[tuple[str, dict, bool]]:
     return out
 
 
-async def test_sidecar_equals_vllm(vllm, aiohttp_client):
+@pytest.fixture
+async def relay(vllm):
+    """vLLM's pages reach the sidecar in 512-byte writes, gzipped, over connections idle-closed after 5 s."""
+    server = HostileRelay(vllm.url)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_sidecar_equals_vllm(vllm, relay, aiohttp_client, tmp_path):
     registry = CollectorRegistry()
+    # Draft-model run: the sidecar has no key (model names come from /metrics); n-gram run: it has the key.
+    key = {}
+    if vllm.speculative["method"] == "ngram":
+        (tmp_path / "key").write_text(API_KEY)
+        key = {"upstream_api_key_file": str(tmp_path / "key")}
     settings = build_settings(
-        upstream=vllm.url, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m,1h", verdict_window="1h",
-        proxy_port=0, proxy_host="127.0.0.1", min_drafts=1,
+        upstream=relay.url, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m,1h", verdict_window="1h",
+        proxy_port=0, proxy_host="127.0.0.1", min_drafts=1, **key,
     )
     client = await aiohttp_client(create_app(settings, registry))
     monitor = client.app[MONITOR]
     proxy = f"http://127.0.0.1:{client.app[PROXY_PORT]}"
     await wait_for(lambda: monitor.state.up, timeout=30, what="sidecar to see vLLM")
 
-    async with aiohttp.ClientSession(auto_decompress=False) as session:
+    async with aiohttp.ClientSession(auto_decompress=False, headers={"Authorization": f"Bearer {API_KEY}"}) as session:
         before = await vllm_counters(session, vllm.url)
         # The sidecar's first point must hold exactly these counters: vLLM is idle from here until traffic.
         first_points = monitor.history_length
@@ -180,6 +201,13 @@ async def test_sidecar_equals_vllm(vllm, aiohttp_client):
         if s.name.endswith("_total")
     )
     assert unattributed == 0
+    # Every poll went through the relay's many small gzip writes, and none failed.
+    assert relay.gzip_polls >= 4 and relay.gzip_polls == relay.metrics_polls
+    errors = sum(
+        s.value for f in registry.collect() if f.name == "specdec_upstream_scrape_errors" for s in f.samples
+        if s.name.endswith("_total")
+    )
+    assert errors == 0
 
 
 async def test_stream_steps_source_without_per_request_metrics(tmp_path_factory, aiohttp_client):
