@@ -251,6 +251,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(client_main(url, mode, int(concurrency), int(count)))))
         return 0
 
+    load_before = os.getloadavg()[0]
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     tmp = Path(tempfile.mkdtemp(prefix="specdec-bench-"))
     procs: list[subprocess.Popen] = []
@@ -343,12 +344,14 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     if args.write:
-        _write(args.write, results, rss, seen, spread, spread_rate, args.rounds, args.pod_chunks, args.pod_requests)
+        load = (load_before, os.getloadavg()[0])
+        _write(args.write, results, rss, seen, spread, spread_rate, args.rounds, args.pod_chunks, args.pod_requests,
+               load)
     return 0
 
 
 def _write(path: Path, results: dict, rss: dict, seen: float, spread: dict, spread_rate: dict, rounds: int,
-           pod_chunks: float, pod_requests: float) -> None:
+           pod_chunks: float, pod_requests: float, load: tuple[float, float]) -> None:
     import platform
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -364,6 +367,9 @@ def _write(path: Path, results: dict, rss: dict, seen: float, spread: dict, spre
         "figures include no proxy at all and the proxied ones include one hop on its own core.",
         f"Every figure is the median of {rounds} interleaved rounds; the per-round spread of the noisiest figures",
         "is listed below the table, because on a shared 2-core machine they move from round to round.",
+        f"One-minute load average at the start and the end of the run: {load[0]:.1f}, {load[1]:.1f} (on 2 cores; "
+        "above about 2 other work competes with the proxy for its core, and latencies grow with it far more than "
+        "the CPU figures do).",
         "",
         "| path | request p50 | added request p50 | request p99 | chunk p50 | chunk p99 | added/chunk p50 | "
         "added/chunk p99 | events/s seen | events per proxy CPU-second | proxy CPU per request | "
