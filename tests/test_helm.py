@@ -50,15 +50,27 @@ MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "Alertmana
 
 
 def run(cmd: list[str], *, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
     return proc
 
 
 def helm_template(*args: str, chart: Path = CHART, check: bool = True) -> subprocess.CompletedProcess:
-    return run([HELM, "template", "rel", str(chart), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION,
-                *args], check=check)
+    return run(
+        [
+            HELM,
+            "template",
+            "rel",
+            str(chart),
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            KUBE_VERSION,
+            *args,
+        ],
+        check=check,
+    )
 
 
 @cache
@@ -114,8 +126,14 @@ def sidecar_settings(args: list[str]) -> Settings:
 
 
 def test_chart_copies_equal_alerts_and_dashboards():
-    proc = run([str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else "python3",
-                str(ROOT / "tools" / "sync_chart.py"), "--check"], check=False)
+    proc = run(
+        [
+            str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else "python3",
+            str(ROOT / "tools" / "sync_chart.py"),
+            "--check",
+        ],
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     for src_dir, pattern, dst in (("alerts", "*.yaml", "rules"), ("dashboards", "*.json", "dashboards")):
         sources = sorted(p.name for p in (ROOT / src_dir).glob(pattern))
@@ -124,7 +142,9 @@ def test_chart_copies_equal_alerts_and_dashboards():
     for src in (ROOT / "dashboards").glob("*.json"):
         assert (CHART / "files" / "dashboards" / src.name).read_bytes() == src.read_bytes()
     for src in (ROOT / "alerts").glob("*.yaml"):
-        assert yaml.safe_load((CHART / "files" / "rules" / src.name).read_text()) == yaml.safe_load(src.read_text())
+        assert yaml.safe_load((CHART / "files" / "rules" / src.name).read_text()) == yaml.safe_load(
+            src.read_text()
+        )
 
 
 def test_sync_check_fails_on_stale_and_extra_copies(tmp_path, monkeypatch):
@@ -139,10 +159,14 @@ def test_sync_check_fails_on_stale_and_extra_copies(tmp_path, monkeypatch):
     (tmp_path / "dashboards" / "d.json").write_text('{"title": "x"}\n')
     files = tmp_path / "chart-files"
     monkeypatch.setattr(sync, "ROOT", tmp_path)
-    monkeypatch.setattr(sync, "SOURCES", (
-        (tmp_path / "alerts", "*.yaml", files / "rules"),
-        (tmp_path / "dashboards", "*.json", files / "dashboards"),
-    ))
+    monkeypatch.setattr(
+        sync,
+        "SOURCES",
+        (
+            (tmp_path / "alerts", "*.yaml", files / "rules"),
+            (tmp_path / "dashboards", "*.json", files / "dashboards"),
+        ),
+    )
     assert sync.main(["--check"]) == 1  # nothing copied yet
     assert sync.main([]) == 0
     assert sync.main(["--check"]) == 0
@@ -187,8 +211,12 @@ def crd_validator(kind: str):
     import jsonschema
     from cloudcoil.models.prometheus_operator import v1, v1alpha1
 
-    model = {"ServiceMonitor": v1.ServiceMonitor, "PodMonitor": v1.PodMonitor,
-             "PrometheusRule": v1.PrometheusRule, "AlertmanagerConfig": v1alpha1.AlertmanagerConfig}[kind]
+    model = {
+        "ServiceMonitor": v1.ServiceMonitor,
+        "PodMonitor": v1.PodMonitor,
+        "PrometheusRule": v1.PrometheusRule,
+        "AlertmanagerConfig": v1alpha1.AlertmanagerConfig,
+    }[kind]
     schema = model.model_json_schema(by_alias=True)
 
     def strict(node):
@@ -222,18 +250,30 @@ def crd_models_check(objects: list[dict]) -> list[dict]:
     """The same objects through @kubernetes-models/prometheus-operator (npm), whose validators are compiled
     from the operator's CRD openAPIV3Schema: a second, independent reading of the CRDs (types, enums,
     patterns; it does not reject unknown fields, the strict check above does)."""
-    proc = subprocess.run(["node", str(ROOT / "tests" / "crd_validate.mjs")], input=json.dumps(objects),
-                          capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "SPECDEC_NPM_PREFIX": str(NPM_PREFIX)})
+    proc = subprocess.run(
+        ["node", str(ROOT / "tests" / "crd_validate.mjs")],
+        input=json.dumps(objects),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "SPECDEC_NPM_PREFIX": str(NPM_PREFIX)},
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
-@pytest.mark.skipif(not (shutil.which("node") and OPERATOR_MODELS.is_dir()),
-                    reason="node or @kubernetes-models/prometheus-operator missing (make k8s-tools)")
+@pytest.mark.skipif(
+    not (shutil.which("node") and OPERATOR_MODELS.is_dir()),
+    reason="node or @kubernetes-models/prometheus-operator missing (make k8s-tools)",
+)
 def test_operator_objects_validate_against_the_crd_openapi_schemas():
-    objects = [d for scenario in ("all-toggles", "monitoring-only") for d in render(scenario)
-               if d["kind"] in MONITORING_KINDS]
+    objects = [
+        d
+        for scenario in ("all-toggles", "monitoring-only")
+        for d in render(scenario)
+        if d["kind"] in MONITORING_KINDS
+    ]
     broken = json.loads(json.dumps(only(render("all-toggles"), "ServiceMonitor")))
     broken["spec"]["endpoints"][0]["interval"] = 30  # a number where the CRD wants a duration string
     results = crd_models_check([*objects, broken])
@@ -303,8 +343,11 @@ def _values_lines() -> dict[str, tuple[int, list[str]]]:
 def test_values_yaml_documents_every_key():
     schema = json.loads((CHART / "values.schema.json").read_text())
     documented = _values_lines()
-    undocumented = [f"{key} (line {documented[key][0]})" for key in _schema_keys(schema)
-                    if key in documented and not documented[key][1]]
+    undocumented = [
+        f"{key} (line {documented[key][0]})"
+        for key in _schema_keys(schema)
+        if key in documented and not documented[key][1]
+    ]
     assert not undocumented, "values.yaml keys without a comment above them: " + ", ".join(undocumented)
 
 
@@ -335,16 +378,19 @@ def _schema_node(schema, dotted):
     return node
 
 
-@pytest.mark.parametrize("bad, says", [
-    (["--set", "sidecar.settings.scrapeIntervall=5s"], "scrapeIntervall"),
-    (["--set", "vllm.modle=x"], "modle"),
-    (["--set", "serviceMonitor.enable=true"], "enable"),
-    (["--set", "replicaCount=two"], "replicaCount"),
-    (["--set-json", 'sidecar.native="yes"'], "native"),
-    (["--set", "sidecar.settings.breakEven=1.5"], "breakEven"),
-    (["--set", "sidecar.settings.logLevel=verbose"], "logLevel"),
-    (["--set", "vllm.port=70000"], "port"),
-])
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (["--set", "sidecar.settings.scrapeIntervall=5s"], "scrapeIntervall"),
+        (["--set", "vllm.modle=x"], "modle"),
+        (["--set", "serviceMonitor.enable=true"], "enable"),
+        (["--set", "replicaCount=two"], "replicaCount"),
+        (["--set-json", 'sidecar.native="yes"'], "native"),
+        (["--set", "sidecar.settings.breakEven=1.5"], "breakEven"),
+        (["--set", "sidecar.settings.logLevel=verbose"], "logLevel"),
+        (["--set", "vllm.port=70000"], "port"),
+    ],
+)
 def test_schema_rejects_typos_and_wrong_types(bad, says):
     proc = helm_template(*bad, check=False)
     assert proc.returncode != 0
@@ -382,7 +428,11 @@ def test_every_sidecar_setting_is_exposed_in_values():
     assert settings.temperature_edges == (0.2, 0.6, 1.2) and settings.default_temperature == 0.7
     assert settings.models == ["target"] and settings.max_observed_body == values["maxObservedBody"]
     assert (settings.break_even, settings.near_break_even_upper, settings.min_drafts) == (0.45, 0.7, 50)
-    assert (settings.log_format, settings.log_level, settings.upstream_connect_timeout) == ("console", "debug", 2.0)
+    assert (settings.log_format, settings.log_level, settings.upstream_connect_timeout) == (
+        "console",
+        "debug",
+        2.0,
+    )
     assert settings.upstream_keepalive == 3.0 and settings.api_key == "test-key"
 
 
@@ -413,7 +463,9 @@ def test_native_sidecar_needs_kubernetes_1_29():
     """Before 1.29 an init container's restartPolicy is dropped and the sidecar would block the pod forever."""
     old = run([HELM, "template", "rel", str(CHART), "--kube-version", "1.28.4"], check=False)
     assert old.returncode != 0 and "sidecar.native needs Kubernetes 1.29+" in old.stderr
-    out = run([HELM, "template", "rel", str(CHART), "--kube-version", "1.28.4", "--set", "sidecar.native=false"]).stdout
+    out = run(
+        [HELM, "template", "rel", str(CHART), "--kube-version", "1.28.4", "--set", "sidecar.native=false"]
+    ).stdout
     spec = pod_spec([d for d in yaml.safe_load_all(out) if d])
     assert "initContainers" not in spec and container(spec, "specdec-sidecar")
 
@@ -463,7 +515,9 @@ def test_without_speculation_vllm_gets_no_per_request_flag():
     """vLLM 0.32 refuses --per-request-spec-decode-metrics without --speculative-config (seen in
     test_vllm_accepts_the_rendered_args): with speculation off the chart leaves that flag out."""
     for off in (["--set", "vllm.speculativeConfig="], ["--set-json", "vllm.speculativeConfig={}"]):
-        args = container(pod_spec([d for d in yaml.safe_load_all(helm_template(*off).stdout) if d]), "vllm")["args"]
+        args = container(pod_spec([d for d in yaml.safe_load_all(helm_template(*off).stdout) if d]), "vllm")[
+            "args"
+        ]
         assert "--speculative-config" not in args and "--per-request-spec-decode-metrics" not in args
         assert "--enable-force-include-usage" in args
     bad = helm_template("--set-string", "vllm.speculativeConfig=[1]", check=False)
@@ -514,18 +568,41 @@ def test_vllm_accepts_the_rendered_args(tmp_path):
             args[i] = json.dumps(config)
         return args
 
-    cases = {name: local(container(pod_spec(render(name)), "vllm")["args"])
-             for name in ("default", "all-toggles", "gpu")}
+    cases = {
+        name: local(container(pod_spec(render(name)), "vllm")["args"])
+        for name in ("default", "all-toggles", "gpu")
+    }
     deployment = yaml.safe_load_all((DEPLOY / "vllm-deployment.example.yaml").read_text()).__next__()
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(deployment))
-    patched = run([KUBECTL, "patch", "--local", "-f", str(tmp_path / "d.yaml"), "--type", "json",
-                   "--patch-file", str(DEPLOY / "vllm-args-patch.json"), "-o", "json"]).stdout
-    cases["patched-deployment"] = local(json.loads(patched)["spec"]["template"]["spec"]["containers"][0]["args"])
+    patched = run(
+        [
+            KUBECTL,
+            "patch",
+            "--local",
+            "-f",
+            str(tmp_path / "d.yaml"),
+            "--type",
+            "json",
+            "--patch-file",
+            str(DEPLOY / "vllm-args-patch.json"),
+            "-o",
+            "json",
+        ]
+    ).stdout
+    cases["patched-deployment"] = local(
+        json.loads(patched)["spec"]["template"]["spec"]["containers"][0]["args"]
+    )
     # the same check refuses what vLLM refuses: the per-request flag without speculation
     cases["refused"] = [a for a in cases["default"] if a != "--speculative-config" and not a.startswith("{")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([str(_vllm_python()), "-c", VLLM_CHECK, json.dumps(cases)], capture_output=True,
-                          text=True, timeout=540, env=env)
+    proc = subprocess.run(
+        [str(_vllm_python()), "-c", VLLM_CHECK, json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=env,
+        check=False,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line, proc.stderr[-3000:]
     results = json.loads(line.removeprefix("RESULTS "))
@@ -546,7 +623,9 @@ def test_all_toggles_vllm_served_name_and_api_key():
     assert key_arg == f"--upstream-api-key-file={mount['mountPath']}/api-key" and mount["readOnly"] is True
     [volume] = [v for v in spec["volumes"] if v["name"] == "upstream-api-key"]
     assert volume["secret"]["secretName"] == "vllm-api-key"
-    assert not any("upstream-api-key" in a for a in container(pod_spec(render("default")), "specdec-sidecar")["args"])
+    assert not any(
+        "upstream-api-key" in a for a in container(pod_spec(render("default")), "specdec-sidecar")["args"]
+    )
     args = vllm["args"]
     assert args[args.index("--served-model-name") + 1] == "target"
     assert args[-2:] == ["--max-model-len", "1024"]
@@ -593,7 +672,7 @@ def test_vllm_probe_command_really_checks_health():
     status = {"code": 200}
 
     class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
+        def do_GET(self):
             self.send_response(status["code"] if self.path == "/health" else 404)
             self.end_headers()
 
@@ -605,15 +684,17 @@ def test_vllm_probe_command_really_checks_health():
     try:
         port = server.server_address[1]
         out = helm_template("--set", f"vllm.port={port}").stdout
-        command = container(pod_spec([d for d in yaml.safe_load_all(out) if d]), "vllm")["readinessProbe"]["exec"]
+        command = container(pod_spec([d for d in yaml.safe_load_all(out) if d]), "vllm")["readinessProbe"][
+            "exec"
+        ]
         argv = ["python3" if shutil.which("python3") else "python", *command["command"][1:]]
-        assert subprocess.run(argv, timeout=20).returncode == 0
+        assert subprocess.run(argv, timeout=20, check=False).returncode == 0
         status["code"] = 503
-        assert subprocess.run(argv, timeout=20, capture_output=True).returncode != 0
+        assert subprocess.run(argv, timeout=20, capture_output=True, check=False).returncode != 0
     finally:
         server.shutdown()
         server.server_close()
-    assert subprocess.run(argv, timeout=20, capture_output=True).returncode != 0
+    assert subprocess.run(argv, timeout=20, capture_output=True, check=False).returncode != 0
 
 
 @pytest.mark.parametrize("scenario", ["default", "all-toggles", "gpu"])
@@ -642,12 +723,17 @@ def test_service_and_pod_monitors_scrape_the_sidecar_as_job_specdec_sidecar():
         assert endpoint["port"] == "specdec-metrics" and endpoint["path"] == "/metrics"
         relabel = endpoint["relabelings"]
         assert {"action": "replace", "targetLabel": "job", "replacement": "specdec-sidecar"} in relabel
-        assert any(r.get("targetLabel") == "namespace" and r.get("sourceLabels") == ["__meta_kubernetes_namespace"]
-                   for r in relabel)
+        assert any(
+            r.get("targetLabel") == "namespace" and r.get("sourceLabels") == ["__meta_kubernetes_namespace"]
+            for r in relabel
+        )
         assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     # the PodMonitor selects this release's pods, whose sidecar has the named port
     pods = only(docs, "Deployment")["spec"]["template"]
-    assert only(docs, "PodMonitor")["spec"]["selector"]["matchLabels"].items() <= pods["metadata"]["labels"].items()
+    assert (
+        only(docs, "PodMonitor")["spec"]["selector"]["matchLabels"].items()
+        <= pods["metadata"]["labels"].items()
+    )
     assert "specdec-metrics" in {p["name"] for p in container(pods["spec"], "specdec-sidecar")["ports"]}
     # the ServiceMonitor selects this release's Service, which has the named port
     sm = only(docs, "ServiceMonitor")
@@ -672,7 +758,9 @@ def test_prometheus_rule_holds_the_rules_of_alerts_and_passes_promtool(tmp_path)
     proc = run([promtool, "check", "rules", str(rules_file)])
     n_rules = sum(len(g["rules"]) for g in expected)
     assert f"SUCCESS: {n_rules} rules found" in proc.stdout
-    rules_file.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum("}]}]}))
+    rules_file.write_text(
+        yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "a:b", "expr": "sum("}]}]})
+    )
     assert run([promtool, "check", "rules", str(rules_file)], check=False).returncode != 0
 
 
@@ -687,13 +775,25 @@ def test_dashboard_configmaps_hold_the_dashboards():
         assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
         assert cm["metadata"]["annotations"] == {"grafana_folder": "Speculative decoding"}
         assert len(cm["metadata"]["name"]) <= 63
-        assert sum(len(v.encode()) for v in cm["data"].values()) < 1024 * 1024  # a ConfigMap holds at most 1 MiB
+        assert (
+            sum(len(v.encode()) for v in cm["data"].values()) < 1024 * 1024
+        )  # a ConfigMap holds at most 1 MiB
         held.update(cm["data"])
     assert held == sources  # byte for byte
-    custom = helm_template("--set", "dashboards.enabled=true", "--set", "dashboards.label=dash",
-                           "--set", "dashboards.labelValue=yes", "--set", "dashboards.folderAnnotation=").stdout
+    custom = helm_template(
+        "--set",
+        "dashboards.enabled=true",
+        "--set",
+        "dashboards.label=dash",
+        "--set",
+        "dashboards.labelValue=yes",
+        "--set",
+        "dashboards.folderAnnotation=",
+    ).stdout
     for cm in (d for d in yaml.safe_load_all(custom) if d and d["kind"] == "ConfigMap"):
-        assert cm["metadata"]["labels"]["dash"] == "yes" and "grafana_dashboard" not in cm["metadata"]["labels"]
+        assert (
+            cm["metadata"]["labels"]["dash"] == "yes" and "grafana_dashboard" not in cm["metadata"]["labels"]
+        )
         assert "annotations" not in cm["metadata"]
 
 
@@ -716,9 +816,13 @@ def test_alertmanager_config_matches_alerts_alertmanager_yml():
     assert route["receiver"] == src_route["receiver"]
     assert route["groupBy"] == src_route["group_by"]
     assert (route["groupWait"], route["groupInterval"], route["repeatInterval"]) == (
-        src_route["group_wait"], src_route["group_interval"], src_route["repeat_interval"])
+        src_route["group_wait"],
+        src_route["group_interval"],
+        src_route["repeat_interval"],
+    )
     assert [(r["receiver"], _matchers(r["matchers"])) for r in route["routes"]] == [
-        (r["receiver"], _matchers(r["matchers"])) for r in src_route["routes"]]
+        (r["receiver"], _matchers(r["matchers"])) for r in src_route["routes"]
+    ]
     [inhibit] = amc["inhibitRules"]
     [src_inhibit] = source["inhibit_rules"]
     assert _matchers(inhibit["sourceMatch"]) == _matchers(src_inhibit["source_matchers"])
@@ -730,27 +834,44 @@ def test_alertmanager_config_matches_alerts_alertmanager_yml():
     assert receivers.keys() == src_receivers.keys()
     [pd] = receivers["specdec-pagerduty"]["pagerdutyConfigs"]
     [src_pd] = src_receivers["specdec-pagerduty"]["pagerduty_configs"]
-    assert pd["routingKey"] == {"name": "pagerduty-specdec", "key": "routing-key"}  # from a Secret, never inline
+    assert pd["routingKey"] == {
+        "name": "pagerduty-specdec",
+        "key": "routing-key",
+    }  # from a Secret, never inline
     assert "routing_key_file" in src_pd
-    for ours, theirs in (("sendResolved", "send_resolved"), ("severity", "severity"), ("description", "description"),
-                         ("client", "client"), ("clientURL", "client_url"), ("component", "component"),
-                         ("group", "group"), ("class", "class")):
+    for ours, theirs in (
+        ("sendResolved", "send_resolved"),
+        ("severity", "severity"),
+        ("description", "description"),
+        ("client", "client"),
+        ("clientURL", "client_url"),
+        ("component", "component"),
+        ("group", "group"),
+        ("class", "class"),
+    ):
         assert pd[ours] == src_pd[theirs], ours
     assert {d["key"]: d["value"] for d in pd["details"]} == src_pd["details"]
     assert [{"href": link["href"], "alt": link["alt"]} for link in pd["pagerDutyLinkConfigs"]] == [
-        {"href": link["href"], "alt": link["text"]} for link in src_pd["links"]]
+        {"href": link["href"], "alt": link["text"]} for link in src_pd["links"]
+    ]
     [hook] = receivers["specdec-warnings"]["webhookConfigs"]
     [src_hook] = src_receivers["specdec-warnings"]["webhook_configs"]
     assert hook["url"] == src_hook["url"] and hook["sendResolved"] is src_hook["send_resolved"]
     # monitoring-only takes the webhook URL from a Secret instead
-    [hook] = {r["name"]: r for r in only(render("monitoring-only"), "AlertmanagerConfig")["spec"]["receivers"]}[
-        "specdec-warnings"]["webhookConfigs"]
+    [hook] = {
+        r["name"]: r for r in only(render("monitoring-only"), "AlertmanagerConfig")["spec"]["receivers"]
+    }["specdec-warnings"]["webhookConfigs"]
     assert hook["urlSecret"] == {"name": "specdec-webhook", "key": "url"} and "url" not in hook
 
 
 def test_alertmanager_config_requires_the_routing_key_secret():
-    proc = helm_template("--set", "alertmanagerConfig.enabled=true",
-                         "--set", "alertmanagerConfig.warnings.webhookUrl=http://hook.example/x", check=False)
+    proc = helm_template(
+        "--set",
+        "alertmanagerConfig.enabled=true",
+        "--set",
+        "alertmanagerConfig.warnings.webhookUrl=http://hook.example/x",
+        check=False,
+    )
     assert proc.returncode != 0 and "routingKeySecret.name is required" in proc.stderr
 
 
@@ -760,7 +881,8 @@ def test_notes_say_how_to_reach_proxy_metrics_and_status_page(tmp_path):
     shutil.copytree(CHART, chart)
     shutil.copy(chart / "templates" / "NOTES.txt", chart / "files" / "notes.txt")
     (chart / "templates" / "zz-notes.yaml").write_text(
-        'kind: Notes\nnotes: {{ tpl (.Files.Get "files/notes.txt") . | toJson }}\n')
+        'kind: Notes\nnotes: {{ tpl (.Files.Get "files/notes.txt") . | toJson }}\n'
+    )
 
     def notes(*args):
         out = helm_template("--show-only", "templates/zz-notes.yaml", *args, chart=chart).stdout
@@ -788,16 +910,32 @@ def test_patch_files_add_the_sidecar_to_a_plain_vllm_deployment(tmp_path):
     (tmp_path / "service.yaml").write_text(yaml.safe_dump(service))
 
     def patch(target: Path, kind: str, patch_file: str) -> Path:
-        out = run([KUBECTL, "patch", "--local", "-f", str(target), "--type", kind,
-                   "--patch-file", str(DEPLOY / patch_file), "-o", "yaml"]).stdout
+        out = run(
+            [
+                KUBECTL,
+                "patch",
+                "--local",
+                "-f",
+                str(target),
+                "--type",
+                kind,
+                "--patch-file",
+                str(DEPLOY / patch_file),
+                "-o",
+                "yaml",
+            ]
+        ).stdout
         result = tmp_path / f"{target.stem}+{Path(patch_file).stem}.yaml"
         result.write_text(out)
         return result
 
-    patched = patch(patch(tmp_path / "deployment.yaml", "strategic", "sidecar-patch.yaml"), "json",
-                    "vllm-args-patch.json")
+    patched = patch(
+        patch(tmp_path / "deployment.yaml", "strategic", "sidecar-patch.yaml"), "json", "vllm-args-patch.json"
+    )
     new_deployment = yaml.safe_load(patched.read_text())
-    new_service = yaml.safe_load(patch(tmp_path / "service.yaml", "strategic", "service-patch.yaml").read_text())
+    new_service = yaml.safe_load(
+        patch(tmp_path / "service.yaml", "strategic", "service-patch.yaml").read_text()
+    )
     kubernetes_validate.validate(new_deployment, KUBE_VERSION, strict=True)
     kubernetes_validate.validate(new_service, KUBE_VERSION, strict=True)
 
@@ -805,9 +943,15 @@ def test_patch_files_add_the_sidecar_to_a_plain_vllm_deployment(tmp_path):
     [sidecar] = spec["initContainers"]
     assert sidecar["restartPolicy"] == "Always" and sidecar["securityContext"]["readOnlyRootFilesystem"]
     [vllm] = spec["containers"]
-    assert vllm["args"][: len(deployment["spec"]["template"]["spec"]["containers"][0]["args"])] == \
-        deployment["spec"]["template"]["spec"]["containers"][0]["args"]  # existing args kept
-    assert vllm["args"][-3:] == ["--per-request-spec-decode-metrics", "summary", "--enable-force-include-usage"]
+    assert (
+        vllm["args"][: len(deployment["spec"]["template"]["spec"]["containers"][0]["args"])]
+        == deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    )  # existing args kept
+    assert vllm["args"][-3:] == [
+        "--per-request-spec-decode-metrics",
+        "summary",
+        "--enable-force-include-usage",
+    ]
     assert {v["name"] for v in spec["volumes"]} == {"dshm", "specdec-tmp"}  # existing volume kept
 
     settings = sidecar_settings(sidecar["args"])
@@ -822,6 +966,8 @@ def test_patch_files_add_the_sidecar_to_a_plain_vllm_deployment(tmp_path):
     assert ports[9464]["targetPort"] == "specdec-metrics" and ports[9464]["name"] == "specdec-metrics"
     # the chart's monitoring-only PodMonitor finds these pods by the same port name and their labels
     podmonitor = only(render("monitoring-only"), "PodMonitor")
-    assert podmonitor["spec"]["selector"]["matchLabels"].items() <= \
-        new_deployment["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        podmonitor["spec"]["selector"]["matchLabels"].items()
+        <= new_deployment["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert podmonitor["spec"]["podMetricsEndpoints"][0]["port"] in sidecar_ports

@@ -41,10 +41,14 @@ def _why_not() -> str | None:
         return "needs root (mmdebstrap root mode, buildah chroot isolation)"
     missing = [tool for tool in TOOLS if not shutil.which(tool)]
     if missing:
-        return f"{', '.join(missing)} not installed (make system-deps installs mmdebstrap buildah podman uidmap)"
-    info = subprocess.run(["buildah", "info"], capture_output=True, text=True, timeout=60)
+        return (
+            f"{', '.join(missing)} not installed (make system-deps installs mmdebstrap buildah podman uidmap)"
+        )
+    info = subprocess.run(["buildah", "info"], capture_output=True, text=True, timeout=60, check=False)
     if info.returncode != 0:
-        return f"buildah cannot run here: {info.stderr.strip().splitlines()[-1] if info.stderr.strip() else '?'}"
+        return (
+            f"buildah cannot run here: {info.stderr.strip().splitlines()[-1] if info.stderr.strip() else '?'}"
+        )
     return None
 
 
@@ -53,9 +57,11 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
 
 def sh(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw, check=False)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -65,10 +71,21 @@ def base_image() -> str:
         CACHE.mkdir(parents=True, exist_ok=True)
         partial = BASE_TAR.with_suffix(".partial.tar")
         started = time.monotonic()
-        sh(["mmdebstrap", "--quiet", "--variant=minbase", "--include=python3,python3-venv",
-            "--aptopt=Acquire::Languages \"none\"",
-            "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-            "--dpkgopt=path-exclude=/usr/share/locale/*", "bookworm", str(partial)], timeout=900)
+        sh(
+            [
+                "mmdebstrap",
+                "--quiet",
+                "--variant=minbase",
+                "--include=python3,python3-venv",
+                '--aptopt=Acquire::Languages "none"',
+                "--dpkgopt=path-exclude=/usr/share/doc/*",
+                "--dpkgopt=path-exclude=/usr/share/man/*",
+                "--dpkgopt=path-exclude=/usr/share/locale/*",
+                "bookworm",
+                str(partial),
+            ],
+            timeout=900,
+        )
         partial.rename(BASE_TAR)
         print(f"mmdebstrap built the base in {time.monotonic() - started:.0f} s", file=sys.stderr)
     digest = hashlib.sha256()
@@ -76,7 +93,7 @@ def base_image() -> str:
         for block in iter(lambda: tar.read(1 << 20), b""):
             digest.update(block)
     tag = f"localhost/specdec-test-base:{digest.hexdigest()[:12]}"
-    exists = subprocess.run(["podman", "image", "exists", tag], timeout=60)
+    exists = subprocess.run(["podman", "image", "exists", tag], timeout=60, check=False)
     if exists.returncode != 0:
         sh(["podman", "import", "--quiet", str(BASE_TAR), tag], timeout=300)
     return tag
@@ -86,20 +103,41 @@ def base_image() -> str:
 def image() -> dict:
     """Build the image with `make image` on the mmdebstrap base; returns its OCI config."""
     base = base_image()
-    before = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", IMAGE], capture_output=True,
-                            text=True, timeout=60).stdout.strip()
+    before = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Id}}", IMAGE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    ).stdout.strip()
     started = time.monotonic()
     # -o: never (re)create the virtualenv from here; the one running the tests builds the wheelhouse.
-    sh(["make", "--no-print-directory", "-o", ".venv/.installed", "image", f"IMAGE={IMAGE}", f"IMAGE_BASE={base}",
-        f"BIN={Path(sys.executable).parent}", "IMAGE_BUILD=buildah bud --isolation chroot --layers=false"],
-       timeout=900, cwd=ROOT)
+    sh(
+        [
+            "make",
+            "--no-print-directory",
+            "-o",
+            ".venv/.installed",
+            "image",
+            f"IMAGE={IMAGE}",
+            f"IMAGE_BASE={base}",
+            f"BIN={Path(sys.executable).parent}",
+            "IMAGE_BUILD=buildah bud --isolation chroot --layers=false",
+        ],
+        timeout=900,
+        cwd=ROOT,
+    )
     print(f"make image took {time.monotonic() - started:.0f} s", file=sys.stderr)
     inspect = json.loads(sh(["buildah", "inspect", "--type", "image", IMAGE], timeout=60).stdout)
     if before and before != inspect["FromImageID"]:
         # the previous build of this tag, now untagged: do not let repeated runs pile up images
-        gone = subprocess.run(["podman", "rmi", before], capture_output=True, text=True, timeout=120)
+        gone = subprocess.run(
+            ["podman", "rmi", before], capture_output=True, text=True, timeout=120, check=False
+        )
         if gone.returncode != 0:
-            print(f"could not remove the previous image {before[:12]}: {gone.stderr.strip()}", file=sys.stderr)
+            print(
+                f"could not remove the previous image {before[:12]}: {gone.stderr.strip()}", file=sys.stderr
+            )
     return inspect["OCIv1"]["config"]
 
 
@@ -108,8 +146,8 @@ def container(image):
     name = f"specdec-test-{os.getpid()}-{time.monotonic_ns()}"
     sh(["buildah", "from", "--name", name, IMAGE], timeout=120)
     yield name
-    subprocess.run(["buildah", "umount", name], capture_output=True, timeout=60)
-    subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60)
+    subprocess.run(["buildah", "umount", name], capture_output=True, timeout=60, check=False)
+    subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60, check=False)
 
 
 def free_port() -> int:
@@ -137,12 +175,28 @@ def test_image_config(image, container):
 @pytest.mark.timeout(1500)
 async def test_sidecar_runs_in_the_image_against_a_loopback_upstream(image, container, upstream):
     metrics_port, proxy_port = free_port(), free_port()
-    cmd = ["buildah", "run", "--isolation", "chroot", container, "--",
-           "specdec-sidecar", "serve", f"--upstream={upstream.url}", "--metrics-host=127.0.0.1",
-           f"--metrics-port={metrics_port}", "--proxy-host=127.0.0.1", f"--proxy-port={proxy_port}",
-           "--scrape-interval=0.5s", "--windows=10m", "--verdict-window=10m", "--min-drafts=1"]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
+    cmd = [
+        "buildah",
+        "run",
+        "--isolation",
+        "chroot",
+        container,
+        "--",
+        "specdec-sidecar",
+        "serve",
+        f"--upstream={upstream.url}",
+        "--metrics-host=127.0.0.1",
+        f"--metrics-port={metrics_port}",
+        "--proxy-host=127.0.0.1",
+        f"--proxy-port={proxy_port}",
+        "--scrape-interval=0.5s",
+        "--windows=10m",
+        "--verdict-window=10m",
+        "--min-drafts=1",
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
     text = ""
     try:
         async with aiohttp.ClientSession() as session:
@@ -188,24 +242,48 @@ async def test_sidecar_runs_in_the_image_against_a_loopback_upstream(image, cont
     # read from the replayed vLLM /metrics capture (KV cache size from cache_config_info) ...
     assert samples.get(("specdec_kv_cache_capacity_tokens", (("model", "tiny-target"),)), 0) > 0
     # ... and from the completion that went through the proxy, with vLLM's per-request acceptance
-    assert samples[("specdec_requests_total", (("model", "tiny-target"), ("status_class", "2xx"),
-                                               ("temperature_bucket", "0")))] == 1
+    assert (
+        samples[
+            (
+                "specdec_requests_total",
+                (("model", "tiny-target"), ("status_class", "2xx"), ("temperature_bucket", "0")),
+            )
+        ]
+        == 1
+    )
     accepted = answer["metrics"]["speculative_decoding"]["num_accepted_draft_tokens"]
-    assert samples[("specdec_request_accepted_tokens_total", (("model", "tiny-target"), ("source", "vllm"),
-                                                             ("temperature_bucket", "0")))] == accepted
+    assert (
+        samples[
+            (
+                "specdec_request_accepted_tokens_total",
+                (("model", "tiny-target"), ("source", "vllm"), ("temperature_bucket", "0")),
+            )
+        ]
+        == accepted
+    )
     assert not _uids_of(f"--metrics-port={metrics_port}"), "the sidecar outlived `buildah run`"
     # nothing was written to the root filesystem (readOnlyRootFilesystem in the pod): the container's own
     # layer holds only what buildah itself puts there for a run
     root = Path(sh(["buildah", "mount", container], timeout=60).stdout.strip())
     written = sorted(str(p.relative_to(root.parent / "diff")) for p in (root.parent / "diff").rglob("*"))
-    assert set(written) <= {"etc", "etc/hosts", "etc/resolv.conf", "etc/hostname", "run", "run/.containerenv"}, written
+    assert set(written) <= {
+        "etc",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "etc/hostname",
+        "run",
+        "run/.containerenv",
+    }, written
 
 
 def _samples(text: str) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def _uids_of(marker: str) -> list[int]:
@@ -216,10 +294,15 @@ def _uids_of(marker: str) -> list[int]:
             continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if marker.encode() in cmdline and b"specdec-sidecar" in b" ".join(cmdline) \
-                    and not cmdline[0].endswith(b"buildah"):
+            if (
+                marker.encode() in cmdline
+                and b"specdec-sidecar" in b" ".join(cmdline)
+                and not cmdline[0].endswith(b"buildah")
+            ):
                 status = (proc / "status").read_text()
-                uids.append(int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1]))
+                uids.append(
+                    int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+                )
         except (OSError, StopIteration):
             continue
     return uids

@@ -75,7 +75,9 @@ def sync() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the chart's copies differ; write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if the chart's copies differ; write nothing"
+    )
     args = parser.parse_args(argv)
     if args.check:
         problems = differences()
