@@ -234,6 +234,9 @@ class Runner:
             tokens = outcome.completion_tokens or 0
             if tokens > 1 and outcome.last_token_at is not None:
                 record.tpot_s = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
+        if outcome.stream_error:
+            record.error = "vLLM sent an error event in the stream"
+            return record
         if outcome.completion_tokens is None:
             record.error = "no usage in the stream (is stream_options.include_usage honoured?)"
             return record
