@@ -15,6 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from conftest import FIXTURES, wait_for
 from sidecar.app import create_app
@@ -185,8 +186,7 @@ async def test_page_in_chromium_shows_verdicts_distributions_and_links(proxy):
 
     # the /metrics link resolves from the page, and the runbooks link points at the runbook document
     assert page.links["runbooks-link"].endswith("docs/runbooks.md")
-    async with proxy.get(str(proxy.metrics_client.make_url("/").join(
-            __import__("yarl").URL(page.links["metrics-link"])))) as r:
+    async with proxy.get(str(proxy.metrics_client.make_url("/").join(URL(page.links["metrics-link"])))) as r:
         assert r.status == 200
         assert "specdec_bucket_verdict" in await r.text()
 
