@@ -150,18 +150,25 @@ def spec_from_vllm(obj: object) -> SpecStats | None:
         spec.get("num_draft_tokens"),
         spec.get("num_spec_steps"),
     )
-    values = (accepted, drafted, steps)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values):
+    if not all(_count(v) for v in (accepted, drafted, steps)):
         return None
     return SpecStats(accepted=accepted, drafted=drafted, steps=steps, source="vllm")  # type: ignore[arg-type]
+
+
+# JSON integers are unbounded; a count beyond what a float holds exactly is not a real token count.
+_MAX_COUNT = 2**53
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
 
 
 def _completion_tokens(obj: dict) -> int | None:
     usage = obj.get("usage")
     if isinstance(usage, dict):
         tokens = usage.get("completion_tokens", usage.get("output_tokens"))
-        if isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0:
-            return tokens
+        if _count(tokens):
+            return tokens  # type: ignore[return-value]
     return None
 
 
