@@ -415,11 +415,12 @@ async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_aga
     assert [outcome.status for _, outcome in recorder.calls] == [200] * 5 + [502]
 
 
-async def test_spaced_requests_at_the_upstream_keepalive_never_fail(hostile_vllm):
-    """aiohttp's own server with a short keep-alive (as uvicorn's 5 s, scaled down), requests spaced right
-    at it: the proxy retires its idle connections first, so none fails."""
-    hostile_vllm.keepalive = 0.3
-    await hostile_vllm.stop()
+async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
+    """aiohttp's own server with a short keep-alive (as uvicorn's 5 s, scaled down) and an API key, requests
+    spaced right at it: the proxy retires its idle connections first, so none fails."""
+    from hostile import HostileVllm
+
+    hostile_vllm = HostileVllm(keepalive=0.3)
     await hostile_vllm.start()
     runner, session, base, _ = await start_proxy(hostile_vllm.url, CountingRecorder(), keepalive=0.25)
     statuses = []
@@ -433,6 +434,7 @@ async def test_spaced_requests_at_the_upstream_keepalive_never_fail(hostile_vllm
     finally:
         await runner.cleanup()
         await session.close()
+        await hostile_vllm.stop()
     assert statuses == [200] * 16
 
 
