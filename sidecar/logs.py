@@ -46,7 +46,10 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
     ]
     renderer: structlog.typing.Processor
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # Plain tracebacks: rich's would print local variables, and those can hold request headers.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=sys.stderr.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
         tail: list[structlog.typing.Processor] = [renderer]
     else:
         # Tracebacks become a string field of the one JSON object (JSON escapes their newlines).

@@ -120,3 +120,18 @@ async def test_serve_under_proxy_errors_writes_only_json_lines():
     assert events.count("proxy_upstream_reset") == 1
     assert events.count("proxy_rejected_target") == 1
     assert len(lines) < 20, events
+
+
+def test_console_tracebacks_do_not_show_local_variables(capsys):
+    """Local variables of a failing frame can hold request headers: the console renderer must not print them."""
+    configure_logging("console", "info")
+
+    def handler(authorization="Bearer sk-secret-123"):
+        raise RuntimeError("boom")
+
+    try:
+        handler()
+    except RuntimeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    err = capsys.readouterr().err
+    assert "RuntimeError: boom" in err and "sk-secret-123" not in err
