@@ -262,6 +262,12 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
 
             await wait_for(lambda: monitor.state.up, timeout=30, what="sidecar polling vLLM")
             await wait_for(scraped, timeout=60, what="Prometheus scraping the sidecar")
+
+            async def no_alerts() -> bool:  # SidecarAbsent is pending until the first scrape: let it clear
+                async with session.get(prom + "/api/v1/alerts") as r:
+                    return not (await r.json())["data"]["alerts"]
+
+            await wait_for(no_alerts, timeout=30, what="no alerts before the test starts")
             tasks = [asyncio.create_task(traffic(session, w)) for w in range(2)]
             tasks += [asyncio.create_task(watch_counters()), asyncio.create_task(watch_alerts(session))]
 
@@ -275,11 +281,11 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
             timeline.append((time.monotonic() - t0, "acceptance before kill", float(before[0]["value"][1])))
 
             # SIGKILL the whole vLLM process group (API server and engine core) under traffic.
-            phase["name"] = "down"
             os.killpg(vllm._proc.pid, signal.SIGKILL)
             vllm._proc.wait(10)
             vllm._proc = None
             killed = time.monotonic()
+            phase["name"] = "down"  # requests started from now on: vLLM is gone
             timeline.append((killed - t0, "vLLM SIGKILLed", None))
             await wait_for(lambda: registry.get_sample_value("specdec_upstream_up") == 0, timeout=5,
                            what="specdec_upstream_up 0")
