@@ -17,6 +17,9 @@ DEFAULT_EDGES: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
 GREEDY = "0"
 OMITTED = "default"
 INVALID = "invalid"
+# The request body was not read (larger than --max-observed-body, or not a JSON object): its temperature is
+# unknown, which is not the same as ``invalid`` (a temperature that was read and is not a usable number).
+UNREAD = "unread"
 
 
 def _fmt(x: float) -> str:
@@ -58,7 +61,12 @@ class TemperatureBuckets:
             temperature = self.omitted_as
         if isinstance(temperature, bool) or not isinstance(temperature, int | float):
             return INVALID
-        value = float(temperature)
+        try:
+            value = float(temperature)
+        except OverflowError:  # an integer beyond any float (JSON allows 1e400 written out): far above the edges
+            value = math.inf if temperature > 0 else -math.inf
+        if math.isinf(value) and isinstance(temperature, int) and value > 0:
+            return f"gt{_fmt(self.edges[-1])}"
         if math.isnan(value) or math.isinf(value) or value < 0:
             return INVALID
         if value == 0:

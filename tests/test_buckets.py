@@ -28,3 +28,9 @@ def test_omitted_and_null_use_default_bucket_or_configured_temperature():
 def test_bad_edges(edges):
     with pytest.raises(ValueError):
         TemperatureBuckets(edges)
+
+
+def test_integer_beyond_any_float_is_the_top_bucket_not_a_crash():
+    buckets = TemperatureBuckets()
+    assert buckets.bucket(10**400) == "gt1.0"
+    assert buckets.bucket(-(10**400)) == "invalid"

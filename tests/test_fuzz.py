@@ -30,7 +30,7 @@ from conftest import FIXTURES, fixture_text, serve_loopback
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
-from sidecar.tap.metrics import OTHER_MODEL, UNKNOWN_MODEL, ModelNames, RequestMetrics
+from sidecar.tap.metrics import OTHER_MODEL, UNKNOWN_MODEL, UNREAD_BUCKET, ModelNames, RequestMetrics
 from sidecar.tap.observe import OBSERVED_PATHS, BodyObserver, Outcome, RequestInfo, SseObserver, read_request
 from sidecar.upstream.exposition import Exposition, parse
 from sidecar.upstream.vllm_metrics import WANTED, VllmSnapshot, read_vllm_metrics
@@ -456,7 +456,7 @@ def test_ten_thousand_model_names_and_odd_temperatures_keep_labels_bounded(stack
           f"(after the first 1000: {first}); models {sorted(models)}; buckets {sorted(buckets)}; "
           f"whole /metrics {sum(1 for l in total.splitlines() if l and not l.startswith('#'))} samples")
     assert models <= {"tiny-target", OTHER_MODEL, UNKNOWN_MODEL}
-    assert buckets <= set(BUCKETS.labels)
+    assert buckets <= set(BUCKETS.labels) | {UNREAD_BUCKET}  # unread: body over the limit or not JSON
     assert series == first
     assert counted - before == 10_000, "every observed request is counted exactly once"
 

@@ -35,14 +35,12 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from sidecar.buckets import TemperatureBuckets
+from sidecar.buckets import UNREAD, TemperatureBuckets
 from sidecar.model_names import OTHER_MODEL, UNKNOWN_MODEL, ModelNames  # noqa: F401 (re-exported)
 from sidecar.upstream.derive import base_point, trim_history
 from sidecar.tap.observe import Outcome, RequestInfo
 
-# The request body was not read (larger than --max-observed-body, or not a JSON object): its temperature is
-# unknown, which is not the same as ``invalid`` (a temperature that was read and is not a usable number).
-UNREAD_BUCKET = "unread"
+UNREAD_BUCKET = UNREAD
 UNATTRIBUTED_REASONS = (
     "body_too_large", "unparsable_request", "n_not_1", "no_spec_metrics", "no_usage", "no_content",
     "response_too_large", "unparsable_response", "upstream_unreachable", "upstream_reset", "client_disconnected",

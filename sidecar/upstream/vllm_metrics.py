@@ -158,6 +158,12 @@ def snapshot_from_exposition(exposition: Exposition) -> VllmSnapshot:
         fields = values.setdefault(key, {})
         fields[attr] = fields.get(attr, 0.0) + value
 
+    # Series added up past the largest float (1e308 twice) are no reading at all: dropped and counted.
+    for table in (*values.values(), *positions.values()):
+        for name in [k for k, v in table.items() if not math.isfinite(v)]:
+            del table[name]
+            invalid += 1
+
     engines: dict[SeriesKey, EngineSample] = {}
     for key in sorted(set(values) | set(positions)):
         fields: dict[str, object] = dict(values.get(key, {}))
