@@ -82,6 +82,7 @@ models: vllm
 ## dashboards: regenerate dashboards/*.json from tools/dashboards.py (grafana-foundation-sdk); --check in the tests
 dashboards: venv
 	$(BIN)/python tools/dashboards.py --out dashboards
+	$(BIN)/python tools/sync_chart.py
 
 ## fixtures: re-record the real vLLM captures under tests/fixtures/
 fixtures: vllm venv
