@@ -29,7 +29,6 @@ import time
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import serve_loopback, start_vllm, wait_for
 from devstack.alerting_stack import AlertingStack
