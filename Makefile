@@ -42,7 +42,7 @@ demo:
 
 ## test: create .venv (project + test extras) and .venv-vllm (real vLLM for the end-to-end tests), run everything
 test: venv vllm system-deps k8s-tools
-	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest
+	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest --durations=20
 
 venv: $(VENV)/.installed
 

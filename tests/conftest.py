@@ -111,6 +111,17 @@ def start_vllm(tmp_path_factory, speculative: dict, per_request_metrics: bool = 
     )
 
 
+@pytest.fixture(scope="session")
+def selfdraft_vllm(tmp_path_factory):
+    """A real vLLM with the tiny target drafting for itself (k=4), shared by the live Prometheus tests
+    (alerting and dashboards): each start-up costs about a minute of CI."""
+    from devstack.vllm_server import REPO
+
+    model = REPO / "models" / "tiny-target"
+    with start_vllm(tmp_path_factory, {"method": "draft_model", "model": str(model), "num_speculative_tokens": 4}) as server:
+        yield server
+
+
 async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,12 +17,11 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import serve_loopback, start_vllm, wait_for
+from conftest import serve_loopback, wait_for
 from devstack.alerting_stack import AlertingStack
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.config import build_settings
 from sidecar.commands.top import fetch_alerts
-from devstack.vllm_server import REPO
 
 # vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -55,13 +54,6 @@ class Receiver:
         app.router.add_post("/v2/enqueue", self.enqueue)
         app.router.add_post("/specdec", self.hook)
         self.runner, self.port = await serve_loopback(app)
-
-
-@pytest.fixture(scope="module")
-def selfdraft_vllm(tmp_path_factory):
-    model = REPO / "models" / "tiny-target"
-    with start_vllm(tmp_path_factory, {"method": "draft_model", "model": str(model), "num_speculative_tokens": 4}) as server:
-        yield server
 
 
 async def start_sidecar(upstream: str) -> tuple[web.AppRunner, int, int, CollectorRegistry]:

@@ -35,7 +35,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import serve_loopback, start_vllm, wait_for
+from conftest import serve_loopback, wait_for
 from devstack.alerting_stack import find_binary, shorten_rules
 from devstack.vllm_server import REPO, free_port
 from sidecar.app import MONITOR, PROXY_PORT, create_app
@@ -54,14 +54,6 @@ NO_DATA_HERE = {
     ("TPOT P99/P50 now and a day earlier", "B"): "offset 1d: Prometheus is minutes old",
     ("TPOT P99/P50 now and a day earlier", "C"): "offset 1d: Prometheus is minutes old",
 }
-
-
-@pytest.fixture(scope="module")
-def selfdraft_vllm(tmp_path_factory):
-    model = REPO / "models" / "tiny-target"
-    with start_vllm(tmp_path_factory, {"method": "draft_model", "model": str(model),
-                                       "num_speculative_tokens": 4}) as server:
-        yield server
 
 
 class Prometheus:

@@ -23,9 +23,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
-from sidecar.commands.top import View, build_view
 from sidecar.config import Settings, format_duration
 from sidecar.decision import Verdict
+from sidecar.export.view import View, build_view, millis, number, percent
 from sidecar.upstream.derive import base_point, trim_history
 from sidecar.upstream.exposition import Sample
 
@@ -67,6 +67,11 @@ class PageView:
     samples: list[Sample]
 
 
+def percent1(value: float | None) -> str:
+    """A percentage with one decimal: the page has room for it."""
+    return percent(value, 1)
+
+
 def registry_samples(registry: CollectorRegistry) -> list[Sample]:
     """Every sample the registry would render on /metrics, as the exposition reader's ``Sample``s."""
     return [
@@ -76,17 +81,6 @@ def registry_samples(registry: CollectorRegistry) -> list[Sample]:
     ]
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:.1f}%"
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value * 1000:.0f} ms"
-
-
-def _num(value: float | None, fmt: str = "{:.2f}") -> str:
-    return "—" if value is None else fmt.format(value)
-
 
 def reason(verdict: str, acceptance: float | None, settings: Settings) -> str:
     """Why the verdict is what it is, in the decision framework's words, with the numbers."""
@@ -95,12 +89,12 @@ def reason(verdict: str, acceptance: float | None, settings: Settings) -> str:
     if verdict == Verdict.INSUFFICIENT_DATA or acceptance is None:
         return f"fewer than {settings.min_drafts} draft steps in the last {window}: no verdict yet"
     if verdict == Verdict.DISABLE:
-        return (f"acceptance {_pct(acceptance)} is below break-even {_pct(be)}: the draft's verify work costs "
+        return (f"acceptance {percent1(acceptance)} is below break-even {percent1(be)}: the draft's verify work costs "
                 f"more than it saves; turn speculation off for this traffic")
     if verdict == Verdict.NEAR_BREAK_EVEN:
-        return (f"acceptance {_pct(acceptance)} is between break-even {_pct(be)} and {_pct(upper)}: roughly a "
+        return (f"acceptance {percent1(acceptance)} is between break-even {percent1(be)} and {percent1(upper)}: roughly a "
                 f"wash, net-negative under more load")
-    return f"acceptance {_pct(acceptance)} is at or above {_pct(upper)}: speculation pays for itself"
+    return f"acceptance {percent1(acceptance)} is at or above {percent1(upper)}: speculation pays for itself"
 
 
 def _badge(verdict: str, anchor: str | None, runbook_base: str) -> str:
@@ -138,8 +132,8 @@ def render_page(view: View, samples: list[Sample], settings: Settings, span: flo
         f"<style>{CSS}</style></head><body>",
         "<h1>Speculative decoding: is it paying off?</h1>",
         f'<p class="meta">specdec-sidecar {esc(__version__)} · upstream {esc(settings.upstream)} · '
-        f"verdicts over {window} (break-even {_pct(settings.break_even)}, near-break-even up to "
-        f"{_pct(settings.near_break_even_upper)}) · refreshes every {REFRESH_SECONDS} s<br>"
+        f"verdicts over {window} (break-even {percent1(settings.break_even)}, near-break-even up to "
+        f"{percent1(settings.near_break_even_upper)}) · refreshes every {REFRESH_SECONDS} s<br>"
         f'<a id="metrics-link" href="metrics">/metrics</a><a id="runbooks-link" href="{esc(runbook_base)}">'
         "runbooks</a></p>",
     ]
@@ -161,8 +155,8 @@ def render_page(view: View, samples: list[Sample], settings: Settings, span: flo
             f'<td class="l">{esc(m.model)}</td>'
             f'<td class="l verdict">{_badge(m.verdict, MODEL_RUNBOOK.get(m.verdict), runbook_base)}</td>'
             f'<td class="why">{esc(reason(m.verdict, acceptance, settings))}</td>'
-            f'<td class="acceptance">{_pct(acceptance)}</td><td>{_num(model_length.get(m.model))}</td>'
-            f"<td>{_pct(m.kv_usage)}</td><td>{_num(m.running, '{:.0f}')}</td><td>{_num(m.waiting, '{:.0f}')}</td>"
+            f'<td class="acceptance">{percent1(acceptance)}</td><td>{number(model_length.get(m.model))}</td>'
+            f"<td>{percent1(m.kv_usage)}</td><td>{number(m.running, '{:.0f}')}</td><td>{number(m.waiting, '{:.0f}')}</td>"
             "</tr>"
         )
     if not view.models:
@@ -183,10 +177,10 @@ def render_page(view: View, samples: list[Sample], settings: Settings, span: flo
             f'<td class="l">{esc(r.model)}</td><td class="l">{esc(r.bucket)}</td>'
             f'<td class="l verdict">{_badge(r.verdict, BUCKET_RUNBOOK.get(r.verdict), runbook_base)}</td>'
             f'<td class="why">{esc(reason(r.verdict, acceptance, settings))}</td>'
-            f'<td class="acceptance">{_pct(acceptance)}</td><td class="requests">{r.requests:.0f}</td>'
-            f'<td class="p10">{_pct(r.p10)}</td><td class="p50">{_pct(r.p50)}</td><td class="p90">{_pct(r.p90)}</td>'
-            f'<td class="ttft-p50">{_ms(r.ttft_p50)}</td><td>{_ms(r.ttft_p99)}</td>'
-            f'<td class="tpot-p50">{_ms(r.tpot_p50)}</td><td>{_ms(r.tpot_p99)}</td></tr>'
+            f'<td class="acceptance">{percent1(acceptance)}</td><td class="requests">{r.requests:.0f}</td>'
+            f'<td class="p10">{percent1(r.p10)}</td><td class="p50">{percent1(r.p50)}</td><td class="p90">{percent1(r.p90)}</td>'
+            f'<td class="ttft-p50">{millis(r.ttft_p50)}</td><td>{millis(r.ttft_p99)}</td>'
+            f'<td class="tpot-p50">{millis(r.tpot_p50)}</td><td>{millis(r.tpot_p99)}</td></tr>'
         )
     if not view.buckets:
         out.append('<tr><td class="l" colspan="13">No traffic through the proxy yet</td></tr>')
