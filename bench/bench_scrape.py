@@ -206,7 +206,9 @@ def main() -> int:
             "",
             f"Run on {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"prometheus_client {version('prometheus-client')}"
-            f", {time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/bench_scrape.py "
+            f", {time.strftime('%Y-%m-%d')}, 1-minute load average {os.getloadavg()[0]:.1f} at the end (other "
+            f"work on the machine slows both readers alike; compare the speed-up, not the milliseconds). "
+            f"Command: `.venv/bin/python bench/bench_scrape.py "
             f"--cpu-seconds {args.cpu_seconds:g} --write docs/benchmarks.md`.",
             "",
             "\"Ours\" is the sidecar's whole per-poll work: parse the page, build the snapshot, fold it into the",
