@@ -22,7 +22,7 @@ from sidecar.export.collector import HealthCollector
 from sidecar.export.status_page import StatusPage
 from sidecar.config import Settings, redact_url
 from sidecar.upstream.monitor import Monitor
-from sidecar.tap.proxy import Proxy, proxy_runner, upstream_connector
+from sidecar.tap.proxy import Proxy
 from sidecar.model_names import ModelNames, served_names
 from sidecar.tap.metrics import RequestMetrics
 from sidecar.upstream.scrape import Scraper
@@ -66,23 +66,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # The proxy's session forwards bodies as they are (no decompression); the poll session is the
-    # sidecar's own client of vLLM and decodes what it asks for (gzip).
-    session = aiohttp.ClientSession(
-        # Idle connections retire after --upstream-keepalive, before vLLM (uvicorn, 5 s) closes them.
-        connector=upstream_connector(settings.upstream_keepalive),
-        auto_decompress=False,
-        # 16 KiB per upstream connection instead of aiohttp's 64 KiB: under 64 streams flooding events, peak
-        # RSS fell from 79 to 70 MB in bench/bench_proxy.py with the chunk-rate target still met.
-        read_bufsize=16 * 1024,
-        cookie_jar=aiohttp.DummyCookieJar(),
-    )
+    # The poll session is the sidecar's own client of vLLM and decodes what it asks for (gzip); the proxy
+    # has its own connections (sidecar.tap.upstream).
     poll_session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=settings.upstream_keepalive),
         auto_decompress=True,
         cookie_jar=aiohttp.DummyCookieJar(),
     )
-    app[SESSION] = session
     app[POLL_SESSION] = poll_session
     monitor = Monitor(
         settings,
@@ -95,7 +85,6 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
     app[MONITOR] = monitor
     app[REGISTRY].register(HealthCollector(lambda: monitor.state, settings))
     yield
-    await session.close()
     await poll_session.close()
 
 
@@ -159,20 +148,17 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     proxy = Proxy(
-        app[SESSION],
         settings.upstream,
         app[REQUESTS],
         max_observed_body=settings.max_observed_body,
         connect_timeout=settings.upstream_connect_timeout,
+        # Idle connections retire after --upstream-keepalive, before vLLM (uvicorn, 5 s) closes them.
+        keepalive=settings.upstream_keepalive,
     )
-    runner = proxy_runner(proxy)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.proxy_host, settings.proxy_port, backlog=1024)
-    await site.start()
-    app[PROXY_PORT] = runner.addresses[0][1]
+    app[PROXY_PORT] = await proxy.start(settings.proxy_host, settings.proxy_port, backlog=1024)
     log.info("proxy_started", listen=f"{settings.proxy_host}:{app[PROXY_PORT]}", upstream=settings.upstream_for_logs)
     yield
-    await runner.cleanup()
+    await proxy.close()
 
 
 def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> web.Application:

@@ -344,18 +344,14 @@ class CountingRecorder:
 
 async def start_proxy(upstream_url: str, recorder, keepalive: float = 4.0, max_observed_body: int = 1 << 20,
                       budget: int | None = None):
-    """The proxy alone, in this loop, in front of *upstream_url*; returns (runner, base URL, proxy)."""
+    """The proxy alone, in this loop, in front of *upstream_url*; returns (proxy, base URL)."""
     from sidecar.tap.observe import Budget
-    from sidecar.tap.proxy import Proxy, proxy_runner, upstream_connector
+    from sidecar.tap.proxy import Proxy
 
-    session = aiohttp.ClientSession(connector=upstream_connector(keepalive), auto_decompress=False,
-                                    cookie_jar=aiohttp.DummyCookieJar())
-    proxy = Proxy(session, upstream_url, recorder, max_observed_body=max_observed_body, connect_timeout=2.0,
-                  budget=Budget(budget) if budget is not None else None)
-    runner = proxy_runner(proxy)
-    await runner.setup()
-    await aiohttp.web.TCPSite(runner, "127.0.0.1", 0).start()
-    return runner, session, f"http://127.0.0.1:{runner.addresses[0][1]}", proxy
+    proxy = Proxy(upstream_url, recorder, max_observed_body=max_observed_body, connect_timeout=2.0,
+                  keepalive=keepalive, budget=Budget(budget) if budget is not None else None)
+    port = await proxy.start("127.0.0.1", 0)
+    return proxy, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -382,12 +378,11 @@ async def _spaced_posts(base: str, spacing: float, count: int) -> list[int]:
 async def test_idle_upstream_connections_retire_before_the_upstream_closes_them():
     upstream = RawUpstream(keepalive=0.4)
     await upstream.start()
-    runner, session, base, _ = await start_proxy(upstream.url, CountingRecorder(), keepalive=0.25)
+    proxy, base = await start_proxy(upstream.url, CountingRecorder(), keepalive=0.25)
     try:
         statuses = await _spaced_posts(base, 0.45, 5)
     finally:
-        await runner.cleanup()
-        await session.close()
+        await proxy.close()
         await upstream.stop()
     assert statuses == [200] * 5
     assert upstream.stale == 0  # no request ever went out on a connection the upstream had closed
@@ -398,7 +393,7 @@ async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_aga
     upstream = RawUpstream(keepalive=0.2)  # shorter than the proxy's keep-alive: the race is forced
     await upstream.start()
     recorder = CountingRecorder()
-    runner, session, base, _ = await start_proxy(upstream.url, recorder, keepalive=4.0, max_observed_body=1024)
+    proxy, base = await start_proxy(upstream.url, recorder, keepalive=4.0, max_observed_body=1024)
     try:
         statuses = await _spaced_posts(base, 0.3, 5)
         assert upstream.stale == 4 and upstream.answered == 5  # every reuse hit a closed connection
@@ -407,8 +402,7 @@ async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_aga
             async with client.post(base + "/v1/completions", data=b"x" * 5000) as r:
                 streamed_status = r.status
     finally:
-        await runner.cleanup()
-        await session.close()
+        await proxy.close()
         await upstream.stop()
     assert statuses == [200] * 5
     assert streamed_status == 502 and upstream.stale == 5
@@ -422,7 +416,7 @@ async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
 
     hostile_vllm = HostileVllm(keepalive=0.3)
     await hostile_vllm.start()
-    runner, session, base, _ = await start_proxy(hostile_vllm.url, CountingRecorder(), keepalive=0.25)
+    proxy, base = await start_proxy(hostile_vllm.url, CountingRecorder(), keepalive=0.25)
     statuses = []
     try:
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-hostile"}) as client:
@@ -432,8 +426,7 @@ async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
                     statuses.append(r.status)
                 await asyncio.sleep(0.3 + (i % 5 - 2) * 0.004)
     finally:
-        await runner.cleanup()
-        await session.close()
+        await proxy.close()
         await hostile_vllm.stop()
     assert statuses == [200] * 16
 
@@ -444,11 +437,10 @@ async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
 async def counted(raw_upstream):
     """The proxy alone in front of RawUpstream, with a recorder that counts."""
     recorder = CountingRecorder()
-    runner, session, base, proxy = await start_proxy(raw_upstream.url, recorder)
+    proxy, base = await start_proxy(raw_upstream.url, recorder)
     counted = type("Counted", (), {"recorder": recorder, "base": base, "proxy": proxy, "upstream": raw_upstream})
     yield counted
-    await runner.cleanup()
-    await session.close()
+    await proxy.close()
 
 
 async def test_client_hanging_up_while_the_proxy_writes_is_client_disconnected(counted):
@@ -491,20 +483,22 @@ async def test_client_leaving_mid_stream_is_client_disconnected(counted, how):
 
 
 async def test_write_to_a_closing_client_is_the_clients_failure(counted, monkeypatch):
-    """The exact failure of the issue, made deterministic: the client's transport is closing when the proxy
-    writes the next event, and aiohttp raises its ClientConnectionResetError (a ClientConnectionError, as
-    upstream failures are). Where it happened decides: writing to the client."""
-    writes = 0
-    real_write = aiohttp.web.StreamResponse.write
+    """The exact failure of the issue, made deterministic: the client's connection is closing when the
+    proxy writes the next event. Where it happened decides: writing to the client, so it is the client's
+    side (never ``upstream_reset``), and the upstream connection is dropped."""
+    from sidecar.tap import proxy as proxy_module
 
-    async def write(self, data):
+    writes = 0
+    real_body = proxy_module._Sink.body
+
+    def body(self, data):
         nonlocal writes
         writes += 1
         if writes == 3:
-            raise aiohttp.ClientConnectionResetError("Cannot write to closing transport")
-        return await real_write(self, data)
+            self.client.transport.close()
+        return real_body(self, data)
 
-    monkeypatch.setattr(aiohttp.web.StreamResponse, "write", write)
+    monkeypatch.setattr(proxy_module._Sink, "body", body)
     async with aiohttp.ClientSession() as client:
         with pytest.raises(aiohttp.ClientPayloadError):
             async with client.post(counted.base + "/v1/completions", json={"model": "m"},
@@ -556,15 +550,14 @@ async def test_upstream_unreachable_is_recorded_once_and_logged_rate_limited(cap
 
     configure_logging("json", "info")
     recorder = CountingRecorder()
-    runner, session, base, _ = await start_proxy(f"http://127.0.0.1:{free_port()}", recorder)
+    proxy, base = await start_proxy(f"http://127.0.0.1:{free_port()}", recorder)
     try:
         async with aiohttp.ClientSession() as client:
             for _ in range(20):
                 async with client.post(base + "/v1/completions", json={"model": "m"}) as r:
                     assert r.status == 502
     finally:
-        await runner.cleanup()
-        await session.close()
+        await proxy.close()
     assert [o.unattributed for _, o in recorder.calls] == ["upstream_unreachable"] * 20
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert [line["event"] for line in lines].count("proxy_upstream_unreachable") == 1
@@ -638,7 +631,7 @@ async def test_request_bodies_beyond_the_shared_budget_pass_through_unobserved(r
     """Each observed body is held once, charged to one budget for all in-flight requests; beyond the budget
     a body streams through untouched and the request is counted as body_too_large."""
     recorder = CountingRecorder()
-    runner, session, base, proxy = await start_proxy(raw_upstream.url, recorder, max_observed_body=4096,
+    proxy, base = await start_proxy(raw_upstream.url, recorder, max_observed_body=4096,
                                                      budget=6000)
     body = json.dumps({"model": "m", "prompt": "z" * 3500}).encode()
     # two at once: the first (never answered) holds its body; the second does not fit beside it
@@ -649,8 +642,7 @@ async def test_request_bodies_beyond_the_shared_budget_pass_through_unobserved(r
             got = await r.json()
         first.cancel()
     await wait_for(lambda: len(recorder.calls) == 2)
-    await runner.cleanup()
-    await session.close()
+    await proxy.close()
     assert got["sha256"] == hashlib.sha256(body).hexdigest()
     assert [info.parse_error for info, _ in recorder.calls] == ["body_too_large", None]
     assert proxy.budget.held == 0
