@@ -5,16 +5,17 @@
 Upstream: a minimal asyncio HTTP/1.1 server speaking vLLM's streaming shape (chunked SSE events of ~300
 bytes, each stamped with CLOCK_MONOTONIC at the moment it is written). The proxy under test (sidecar or
 nginx with buffering off and upstream keep-alive) is pinned to core 0; the upstream and the load generator
-share core 1. Figures:
+share core 1 (on uvloop when it is installed, so they can drive more load). Figures:
 
-* added latency per chunk: receive time - stamp, at 200 concurrent streams (one event every 50 ms each),
+* added latency per chunk: receive time - stamp, at 200 concurrent streams (one event every 100 ms each),
   p50/p99 through the proxy minus the same direct;
 * added latency per request: a small non-streamed POST, p50/p99 at 32 concurrent, proxy minus direct;
 * maximum chunk rate: 64 streams whose upstream writes events back to back, events/s received, and
   events relayed per CPU-second of the proxy process;
 * the proxy's CPU per request (the non-streamed phase) and per event (the 200-stream phase, its requests'
-  share taken off), and from them its CPU share at a busy GPU pod's load (``--pod-chunks``/s and
-  ``--pod-requests``/s);
+  share taken off);
+* its CPU share at a busy GPU pod's load, measured: 200 streams of 100 events/s (20 000 chunks/s) and 200
+  non-streamed requests/s at once, the proxy's CPU-seconds over the phase's seconds;
 * the sidecar's peak RSS over the whole run.
 """
 
@@ -94,7 +95,7 @@ async def upstream_main(port: int) -> None:
 
 # --- load generator (runs in its own process, prints JSON) ---------------------------------------------
 
-async def client_main(url: str, mode: str, concurrency: int, count: int) -> dict:
+async def client_main(url: str, mode: str, concurrency: int, count: float) -> dict:
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=0)
@@ -112,11 +113,14 @@ async def client_main(url: str, mode: str, concurrency: int, count: int) -> dict
                         await r.read()
                     latencies.append((time.monotonic_ns() - start) / 1e6)
 
-            await asyncio.gather(*(one() for _ in range(count)))
+            await asyncio.gather(*(one() for _ in range(int(count))))
             return {"p50": statistics.median(latencies), "p99": _p(latencies, 0.99), "n": len(latencies)}
 
+        if mode == "pod":  # a busy pod: `concurrency` streams at `count` events/s each, plus requests/s
+            return await _pod(session, url, concurrency, count)
+
         gap = 0.1 if mode == "chunks" else 0.0
-        chunks = 30 if mode == "chunks" else count
+        chunks = 30 if mode == "chunks" else int(count)
 
         async def stream() -> None:
             nonlocal events
@@ -139,6 +143,58 @@ async def client_main(url: str, mode: str, concurrency: int, count: int) -> dict
     if gap:
         return {"p50": statistics.median(latencies), "p99": _p(latencies, 0.99), "n": len(latencies)}
     return {"events_per_second": events / elapsed, "events": events, "seconds": elapsed}
+
+
+POD_SECONDS = 4.0
+POD_STREAMS = 200
+POD_RATE = 100.0  # events/s per stream: 200 x 100 = 20 000 chunks/s
+
+
+async def _pod(session, url: str, streams: int, per_stream: float) -> dict:
+    """`streams` streams of POD_SECONDS at `per_stream` events/s each (their starts spread over one gap, as
+    real requests are), and non-streamed requests at POD_REQUESTS/s alongside; events and requests done."""
+    events = 0
+    requests = 0
+    chunks = int(POD_SECONDS * per_stream)
+
+    async def stream() -> None:
+        nonlocal events
+        buffer = b""
+        async with session.post(url, json={"model": "m", "stream": True, "chunks": chunks,
+                                           "gap": 1.0 / per_stream}) as r:
+            async for data in r.content.iter_any():
+                buffer += data
+                *complete, buffer = buffer.split(b"\n\n")
+                events += len(complete)
+
+    async def one() -> None:
+        nonlocal requests
+        async with session.post(url, json={"model": "m", "stream": False}) as r:
+            await r.read()
+            requests += 1
+
+    async def request_loop(stop: asyncio.Event) -> None:
+        tasks = []
+        start = time.monotonic()
+        i = 0
+        while not stop.is_set():
+            tasks.append(asyncio.create_task(one()))
+            i += 1
+            await asyncio.sleep(max(0.0, start + i / POD_REQUESTS - time.monotonic()))
+        await asyncio.gather(*tasks)
+
+    stop = asyncio.Event()
+    start = time.monotonic()
+    loop_task = asyncio.create_task(request_loop(stop))
+    await asyncio.gather(*(stream() for _ in range(streams)))
+    elapsed = time.monotonic() - start
+    stop.set()
+    await loop_task
+    return {"events_per_second": events / elapsed, "requests_per_second": requests / elapsed, "events": events,
+            "seconds": elapsed}
+
+
+POD_REQUESTS = 200.0
 
 
 def _p(values: list[float], q: float) -> float:
@@ -240,15 +296,19 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; figures are medians")
     parser.add_argument("--targets", default="direct,sidecar,sidecar (uvloop),nginx",
                         help="comma-separated subset of the paths to measure")
-    parser.add_argument("--pod-chunks", type=float, default=20000.0, help="streamed chunks/s of a busy pod")
-    parser.add_argument("--pod-requests", type=float, default=200.0, help="requests/s of a busy pod")
     args = parser.parse_args()
+    # The upstream and the load generator share one core: on uvloop (when installed) they drive more load.
+    run = asyncio.run
+    if importlib.util.find_spec("uvloop") is not None:
+        import uvloop
+
+        run = uvloop.run
     if args.upstream:
-        asyncio.run(upstream_main(args.upstream))
+        run(upstream_main(args.upstream))
         return 0
     if args.client:
         url, mode, concurrency, count = args.client
-        print(json.dumps(asyncio.run(client_main(url, mode, int(concurrency), int(count)))))
+        print(json.dumps(run(client_main(url, mode, int(concurrency), float(count)))))
         return 0
 
     load_before = os.getloadavg()[0]
@@ -301,7 +361,8 @@ def main() -> int:
                 result = {}
                 for phase, (mode, concurrency, count) in (("request", ("request", 32, 3000)),
                                                            ("chunks", ("chunks", 200, 0)),
-                                                           ("rate", ("rate", 64, 2000))):
+                                                           ("rate", ("rate", 64, 2000)),
+                                                           ("pod", ("pod", POD_STREAMS, POD_RATE))):
                     before = cpu_seconds(pids)
                     result[phase] = run_client(url, mode, concurrency, count)
                     result[phase]["proxy_cpu_seconds"] = cpu_seconds(pids) - before if pids else None
@@ -311,8 +372,9 @@ def main() -> int:
                     per_request = result["request"]["proxy_cpu_seconds"] / 3000
                     streamed = 200 * 30  # the chunk phase: 200 streams of 30 events
                     per_event = max(0.0, result["chunks"]["proxy_cpu_seconds"] - 200 * per_request) / streamed
+                    pod = result["pod"]
                     result["cost"] = {"per_request_ms": per_request * 1e3, "per_event_us": per_event * 1e6,
-                                      "pod_share": args.pod_chunks * per_event + args.pod_requests * per_request}
+                                      "pod_share": pod["proxy_cpu_seconds"] / pod["seconds"]}
                 else:
                     result["cost"] = {"per_request_ms": None, "per_event_us": None, "pod_share": None}
                 rounds[name].append(result)
@@ -345,13 +407,13 @@ def main() -> int:
 
     if args.write:
         load = (load_before, os.getloadavg()[0])
-        _write(args.write, results, rss, seen, spread, spread_rate, args.rounds, args.pod_chunks, args.pod_requests,
+        _write(args.write, results, rss, seen, spread, spread_rate, args.rounds,
                load)
     return 0
 
 
 def _write(path: Path, results: dict, rss: dict, seen: float, spread: dict, spread_rate: dict, rounds: int,
-           pod_chunks: float, pod_requests: float, load: tuple[float, float]) -> None:
+           load: tuple[float, float]) -> None:
     import platform
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -412,15 +474,21 @@ def _write(path: Path, results: dict, rss: dict, seen: float, spread: dict, spre
         )
         lines.append("")
     shares = ", ".join(
-        f"{name} **{r['cost']['pod_share'] * 100:.0f}%** of one core"
+        f"{name} **{r['cost']['pod_share'] * 100:.0f}%** of one core "
+        f"({r['pod']['events_per_second']:,.0f} events/s and {r['pod']['requests_per_second']:.0f} requests/s relayed)"
         for name, r in results.items() if (r.get("cost") or {}).get("pod_share") is not None
     )
+    direct_pod = results["direct"]["pod"]
     lines += [
-        f"CPU share at a busy GPU pod's load ({pod_chunks:,.0f} streamed chunks/s and {pod_requests:,.0f} "
-        f"requests/s), from the measured costs (chunks/s × CPU per event + requests/s × CPU per request): {shares}. "
+        f"CPU share at a busy GPU pod's load, measured: {POD_STREAMS} streams of {POD_RATE:.0f} events/s each "
+        f"({POD_STREAMS * POD_RATE:,.0f} chunks/s) and {POD_REQUESTS:.0f} non-streamed requests/s together for "
+        f"{POD_SECONDS:.0f} s, the proxy's CPU-seconds over the phase's seconds: {shares}; straight to the upstream "
+        f"the load generator got {direct_pod['events_per_second']:,.0f} events/s and "
+        f"{direct_pod['requests_per_second']:.0f} requests/s. "
         "CPU per request is the proxy's CPU over the 3000 non-streamed requests (tap and metrics included for the "
         "sidecar); CPU per event is its CPU over the 200-stream phase, less 200 requests' worth, over its 6 000 "
-        "events, each arriving on its own as a real pod's tokens do (no merging).",
+        "events, each arriving on its own (no merging: at 2 000 events/s each costs a whole turn of the event "
+        "loop, which is why it is higher than the busy pod's share per event).",
         "",
         "Peak RSS over the whole run (VmHWM) per sidecar process: "
         + ", ".join(f"{name} **{mb:.0f} MB**" for name, mb in rss.items()) + " (target: at most 80 MB). "
