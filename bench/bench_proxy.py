@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/bench_proxy.py [--write docs/benchmarks.md]
 
-Upstream: a minimal asyncio HTTP/1.1 server speaking vLLM's streaming shape (chunked SSE events of ~300
-bytes, each stamped with CLOCK_MONOTONIC at the moment it is written). The proxy under test (sidecar or
+Upstream: a minimal asyncio HTTP/1.1 server speaking vLLM's streaming shape (chunked SSE events laid out
+as a real vLLM 0.32 chat chunk, ~340 bytes, each stamped with CLOCK_MONOTONIC at the moment it is written). The proxy under test (sidecar or
 nginx with buffering off and upstream keep-alive) is pinned to core 0; the upstream and the load generator
 share core 1 (on uvloop when it is installed, so they can drive more load). Figures:
 
@@ -41,6 +41,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PAD = "x" * 200
+# Each event has the field layout of a real vLLM 0.32 chat chunk (tests/fixtures/chat-stream.sse: ~320
+# bytes, a short token, usage in every chunk), with the write stamp as its first field. (Runs before
+# 2026-11-25 18:30 sent {"t":..,"i":..,"choices":[{"text":"x" * 200}]}: the same size, but a 200-byte run of
+# one letter makes CPython's bytes.count, which the tap uses, 5x slower than on real chunks.)
+TOKENS = (" the", " model", ",", " and", "\\n", " of", " def", "(")  # "\\n": JSON for a newline
+EVENT = ('data: {{"t":{t},"id":"chatcmpl-924a0b139de023f5","object":"chat.completion.chunk","created":1795545098,'
+         '"model":"m","choices":[{{"index":0,"delta":{{"content":"{token}"}},"logprobs":null,"finish_reason":null,'
+         '"token_ids":null}}],"usage":{{"prompt_tokens":3,"total_tokens":{total},"completion_tokens":{done},'
+         '"completion_tokens_details":null}}}}\n\n')
 
 
 def free_port() -> int:
@@ -76,7 +85,8 @@ async def upstream_main(port: int) -> None:
                 for i in range(chunks):
                     if gap:
                         await asyncio.sleep(gap)
-                    event = f'data: {{"t":{time.monotonic_ns()},"i":{i},"choices":[{{"text":"{PAD}"}}]}}\n\n'.encode()
+                    event = EVENT.format(t=time.monotonic_ns(), token=TOKENS[i % len(TOKENS)], total=4 + i,
+                                         done=i + 1).encode()
                     writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
                     await writer.drain()
                     if not gap and i % 4 == 3:

@@ -131,8 +131,9 @@ class Settings(BaseSettings):
     upstream_keepalive: float = Field(
         4.0, description="Idle upstream connections of the proxy are closed after this (below vLLM's 5 s)."
     )
-    event_loop: Literal["asyncio", "uvloop"] = Field(
-        "asyncio", description="Event loop: asyncio's own, or uvloop (pip install 'specdec-sidecar[uvloop]')."
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="Event loop: auto (uvloop when installed, as it is on Linux; else asyncio's own), "
+        "asyncio or uvloop."
     )
     log_format: Literal["json", "console"] = Field("json", description="json (one object per line) or console.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")

@@ -358,3 +358,51 @@ async def test_upstream_answer_without_a_valid_status_line_is_a_502(proxied):
     writer.close()
     assert status.startswith(b"HTTP/1.1 502") and re.search(rb'"type": ?"upstream_unavailable"', body)
     assert recorder.calls[0][1].unattributed == "upstream_unreachable"
+
+
+async def test_an_answer_before_the_body_ended_never_lets_the_rest_reach_another_request():
+    """vLLM may answer (413, 401...) before it read a streamed body. The rest of that body must not go out
+    on the pooled connection where the next request would be sent: that connection is dropped."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                seen.append(head.split(b"\r\n")[0])
+                if head.startswith(b"POST"):  # answers at once, reads none of the body
+                    writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    proxy = Proxy(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", Recorder(), max_observed_body=1024,
+                  connect_timeout=2.0, keepalive=4.0)
+    port = await proxy.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b"a" * 5000)
+        status, _, _ = await read_response(reader)
+        assert status.startswith(b"HTTP/1.1 413")
+        try:  # the body goes on after the answer (until the proxy, which will not read it, closes)
+            for _ in range(10):
+                writer.write(b"GET /v1/stray HTTP/1.1\r\n\r\n" * 20)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        second_reader, second_writer = await asyncio.open_connection("127.0.0.1", port)
+        second_writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, body = await read_response(second_reader)
+        assert status == b"HTTP/1.1 200 OK" and body == b"ok"
+        second_writer.close()
+        writer.close()
+        await asyncio.sleep(0.1)
+        assert not [line for line in seen if b"stray" in line], seen
+    finally:
+        await proxy.close()
+        server.close()

@@ -49,7 +49,7 @@ from sidecar.tap.observe import (
     decoded_body,
     read_request,
 )
-from sidecar.tap.upstream import ConnectFailed, Head, UpstreamConnection, UpstreamError, UpstreamPool
+from sidecar.tap.upstream import ConnectFailed, Head, ReadBuffer, UpstreamConnection, UpstreamError, UpstreamPool
 
 log = structlog.get_logger("sidecar.tap.proxy")
 
@@ -259,6 +259,7 @@ class Proxy:
         self.budget = budget if budget is not None else Budget(BUDGET_FACTOR * max_observed_body)
         self._problems = RateLimited(log)
         self._server: asyncio.base_events.Server | None = None
+        self.read_buffer = ReadBuffer()
         self._connections: set[ClientConnection] = set()
 
     # --- serving -------------------------------------------------------------------------------------------
@@ -328,6 +329,8 @@ class Proxy:
         try:
             return await self._relay(request, client, conn, head, ex)
         finally:
+            if request.stream_to is not None and not request.body_done:
+                conn.close()  # vLLM answered before the body ended: the rest must not reach another request
             self.pool.release(conn)  # back to the pool only if the exchange ended cleanly
 
     async def _request_body(
@@ -560,7 +563,7 @@ class _Sink:
             self._transport.write(out)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(asyncio.BufferedProtocol):
     """One client connection: parses its requests (llhttp) and runs them one after another."""
 
     def __init__(self, proxy: Proxy) -> None:
@@ -599,7 +602,13 @@ class ClientConnection(asyncio.Protocol):
             self._task.cancel()  # the exchange closes its upstream connection: vLLM aborts the request
         self._queue.clear()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.proxy.read_buffer.view  # shared, as upstream.py's: parsed before the next read
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.proxy.read_buffer.view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closing:
             return  # nothing more is read from a connection that is being closed
         if self._idle is not None:
@@ -607,6 +616,8 @@ class ClientConnection(asyncio.Protocol):
             self._idle = None
         try:
             self._parser.feed_data(data)
+            if self._task is None:  # still no whole head: the idle clock runs on (no slow-loris forever)
+                self._arm_idle()
         except httptools.HttpParserUpgrade:
             # An Upgrade request (its header is hop-by-hop and not forwarded): answered as a plain request,
             # and the connection ends with it, since what follows is not HTTP/1.1 any more.
