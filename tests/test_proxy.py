@@ -473,7 +473,7 @@ async def test_client_leaving_mid_stream_is_client_disconnected(counted, how):
         if how == "abort":
             writer.transport.abort()
         else:
-            if how == "half-close":  # aiohttp's server then closes its side: the next write fails at once
+            if how == "half-close":  # the proxy then closes its side and abandons the exchange
                 writer.write_eof()
                 continue
             writer.close()
