@@ -16,6 +16,7 @@ Then shows ``specdec-sidecar top``. Ctrl-C stops everything; no process is left 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -70,7 +71,8 @@ def load(proxy: str, stop: threading.Event, concurrency: int) -> None:
             try:
                 with urllib.request.urlopen(request, timeout=120) as response:
                     response.read()
-            except (urllib.error.URLError, OSError):
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                # vLLM or the sidecar going away mid-answer (as at the demo's end): a cut-off body
                 stop.wait(1.0)
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
