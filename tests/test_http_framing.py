@@ -42,29 +42,17 @@ class Scripted:
         self.connections += 1
         try:
             while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.split(b"\r\n")
-                headers = {}
-                for line in lines[1:]:
-                    if b":" in line:
-                        key, _, val = line.partition(b":")
-                        headers[key.strip().lower().decode()] = val.strip().decode("latin-1")
+                line, headers = await read_head(reader)
                 if headers.get("transfer-encoding", "").lower() == "chunked":
-                    body = b""
-                    while True:
-                        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-                        chunk = await reader.readexactly(size + 2)
-                        if size == 0:
-                            break
-                        body += chunk[:-2]
+                    body = await read_chunked(reader)
                 else:
                     body = await reader.readexactly(int(headers.get("content-length", "0")))
-                self.requests.append((lines[0], headers, body))
-                keep = await self.answer(lines[0], headers, body, writer)
+                self.requests.append((line, headers, body))
+                keep = await self.answer(line, headers, body, writer)
                 await writer.drain()
                 if not keep:
                     return
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -84,28 +72,38 @@ async def ok(line, headers, body, writer) -> bool:
     return True
 
 
-async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> tuple[bytes, dict, bytes]:
-    """One response off a raw connection: (status line, headers, decoded body)."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    lines = head.split(b"\r\n")
+async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
+    """A request or response head: (first line, headers by lower-case name)."""
+    lines = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).split(b"\r\n")
     headers = {}
     for line in lines[1:]:
         if b":" in line:
             key, _, val = line.partition(b":")
             headers[key.strip().lower().decode()] = val.strip().decode("latin-1")
-    if head_only or lines[0].split(b" ")[1] in (b"204", b"304"):
-        return lines[0], headers, b""
+    return lines[0], headers
+
+
+async def read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A chunked body, decoded (no trailers)."""
+    body = b""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        if size == 0:
+            return body
+        body += chunk[:-2]
+
+
+async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> tuple[bytes, dict, bytes]:
+    """One response off a raw connection: (status line, headers, decoded body)."""
+    status, headers = await read_head(reader)
+    if head_only or status.split(b" ")[1] in (b"204", b"304"):
+        return status, headers, b""
     if "content-length" in headers:
-        return lines[0], headers, await reader.readexactly(int(headers["content-length"]))
+        return status, headers, await reader.readexactly(int(headers["content-length"]))
     if headers.get("transfer-encoding") == "chunked":
-        body = b""
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                return lines[0], headers, body
-            body += chunk[:-2]
-    return lines[0], headers, await asyncio.wait_for(reader.read(), 10)  # to the close
+        return status, headers, await read_chunked(reader)
+    return status, headers, await asyncio.wait_for(reader.read(), 10)  # to the close
 
 
 @pytest.fixture
