@@ -84,8 +84,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.closed = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._reset_exchange()
-        self._drained: asyncio.Future[None] | None = None
-        self._write_paused = False
+        # Told when the request body's write buffer fills and drains (the proxy then pauses reading the client).
         self.on_write_paused: Callable[[bool], None] | None = None
 
     def _reset_exchange(self) -> None:
@@ -118,8 +117,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if self._idle_timer is not None:
             self._idle_timer.cancel()
         self._pool._forget(self)
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_exception(UpstreamError("connection lost while sending", not self.got_bytes))
         if self.complete:
             return
         head, done = self._head_waiter, self._done
@@ -162,14 +159,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
                     self._sink.body(body)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
         if self.on_write_paused is not None:
             self.on_write_paused(True)
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drained is not None and not self._drained.done():
-            self._drained.set_result(None)
         if self.on_write_paused is not None:
             self.on_write_paused(False)
 
@@ -244,12 +237,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    async def drained(self) -> None:
-        """Wait while the request body's write buffer is full."""
-        if self._write_paused and not self.closed:
-            self._drained = self._pool.loop.create_future()
-            await self._drained
-
     def attach(self, sink: Sink) -> asyncio.Future[None]:
         """From now on the body goes to *sink*; returns the future that resolves when the response ended."""
         self._sink = sink
@@ -297,7 +284,6 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self.buffer = ReadBuffer()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.opened = 0
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -320,7 +306,6 @@ class UpstreamPool:
             )
         except (OSError, asyncio.TimeoutError) as error:
             raise ConnectFailed(f"{type(error).__name__}: {error}") from error
-        self.opened += 1
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
