@@ -223,16 +223,13 @@ async def test_expect_100_continue_is_answered_and_not_repeated_upstream(proxy, 
 
 
 def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers():
-    from multidict import CIMultiDict
-
     from sidecar.tap.proxy import REQUEST_ONLY_DROP, end_to_end
 
-    headers = CIMultiDict([("Connection", "keep-alive, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"),
-                           ("Transfer-Encoding", "chunked"), ("Content-Length", "3"), ("X-Keep", "a"),
-                           ("X-Keep", "b"), ("Authorization", "Bearer t")])
-    assert list(end_to_end(headers).items()) == [("Content-Length", "3"), ("X-Keep", "a"), ("X-Keep", "b"),
-                                                 ("Authorization", "Bearer t")]
-    assert "Content-Length" not in end_to_end(headers, REQUEST_ONLY_DROP)
+    headers = [(b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
+               (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3"), (b"X-Keep", b"a"),
+               (b"X-Keep", b"b"), (b"Authorization", b"Bearer t")]
+    assert end_to_end(headers) == [b"Content-Length: 3", b"X-Keep: a", b"X-Keep: b", b"Authorization: Bearer t"]
+    assert b"Content-Length: 3" not in end_to_end(headers, REQUEST_ONLY_DROP)
 
 
 # --- a raw upstream for what aiohttp's server would not do ----------------------------------------------

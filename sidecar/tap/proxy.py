@@ -36,7 +36,6 @@ from urllib.parse import unquote, urlsplit
 
 import httptools
 import structlog
-from multidict import CIMultiDict
 
 from sidecar.logs import RateLimited
 from sidecar.tap.observe import (
@@ -54,13 +53,12 @@ from sidecar.tap.upstream import ConnectFailed, Head, ReadBuffer, UpstreamConnec
 log = structlog.get_logger("sidecar.tap.proxy")
 
 HOP_BY_HOP = frozenset(
-    h.lower()
+    h.lower().encode()
     for h in (
         "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
         "Transfer-Encoding", "Upgrade", "Proxy-Connection",
     )
 )  # fmt: skip
-_HOP_BY_HOP_BYTES = frozenset(h.encode() for h in HOP_BY_HOP)
 # The status recorded for a request whose client went away before the response started (nginx's 499).
 CLIENT_CLOSED = 499
 # All in-flight observations together hold at most this many times --max-observed-body.
@@ -75,25 +73,11 @@ class Recorder(Protocol):
     def request_done(self, info: RequestInfo | None, outcome: Outcome, started: float, ended: float) -> None: ...
 
 
-def end_to_end(headers: CIMultiDict[str] | object, also_drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """*headers* less the hop-by-hop ones: the fixed list, those named by ``Connection``, and *also_drop*
-    (lower case). The same rule as the proxy applies to raw headers (``_forwarded``), for a header map."""
-    out: CIMultiDict[str] = CIMultiDict()
+def end_to_end(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] = frozenset()) -> list[bytes]:
+    """Raw ``Name: value`` lines of *headers* less the hop-by-hop ones (the fixed list, those named by
+    ``Connection``, and *also_drop*, lower case), names, values and order exactly as received. The same
+    rule for both directions, so requests and responses lose exactly the same kinds."""
     drop = HOP_BY_HOP | also_drop
-    connection = headers.getall("Connection", None)  # type: ignore[attr-defined]
-    if connection:
-        drop = set(drop)
-        for value in connection:
-            drop |= {token.strip().lower() for token in value.split(",")}
-    for key, value in headers.items():  # type: ignore[attr-defined]
-        if key.lower() not in drop:
-            out.add(key, value)
-    return out
-
-
-def _forwarded(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] = frozenset()) -> list[bytes]:
-    """Raw ``Name: value`` lines of the end-to-end headers, names and values exactly as received."""
-    drop = _HOP_BY_HOP_BYTES | also_drop
     for name, value in headers:
         if name.lower() == b"connection":
             drop = drop | {token.strip().lower() for token in value.split(b",")}
@@ -103,8 +87,7 @@ def _forwarded(headers: list[tuple[bytes, bytes]], also_drop: frozenset[bytes] =
 # Host is set for the upstream hop; Content-Length is recomputed from the buffered body (the same value) or
 # kept for a streamed one; Expect was already answered to the client (the proxy sends its 100 Continue), so
 # repeating it upstream could stall the body.
-REQUEST_ONLY_DROP = frozenset({"host", "content-length", "expect"})
-_REQUEST_ONLY_DROP_BYTES = frozenset(h.encode() for h in REQUEST_ONLY_DROP)
+REQUEST_ONLY_DROP = frozenset({b"host", b"content-length", b"expect"})
 _RESPONSE_DROP = frozenset({b"content-length"})
 
 _REASONS = {400: b"Bad Request", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
@@ -403,7 +386,7 @@ class Proxy:
     def _request_head(self, request: Request, body: bytes | None) -> tuple[bytes, bool]:
         """The request line and headers for vLLM, and whether a streamed body goes chunked."""
         lines = [request.method + b" " + self._prefix + request.target + b" HTTP/1.1", b"Host: " + self._host_header]
-        lines += _forwarded(request.headers, _REQUEST_ONLY_DROP_BYTES)
+        lines += end_to_end(request.headers, REQUEST_ONLY_DROP)
         if self._basic is not None and not any(name.lower() == b"authorization" for name, _ in request.headers):
             lines.append(b"Authorization: " + self._basic)
         chunks = False
@@ -515,7 +498,7 @@ class _Sink:
         no_body = request.method == b"HEAD" or head.status in (204, 304)
         length = head.get(b"content-length")
         lines = [b"HTTP/%s %d %s" % (request.version.encode(), head.status, head.reason)]
-        lines += _forwarded(head.headers, _RESPONSE_DROP)
+        lines += end_to_end(head.headers, _RESPONSE_DROP)
         self.keep_alive = request.keep_alive and not client.closing
         self.chunked = False
         if length is not None:

@@ -39,13 +39,12 @@ class Sink(Protocol):
 class Head:
     """A response's status line and headers as received (names and values raw bytes, order kept)."""
 
-    __slots__ = ("status", "reason", "headers", "framed", "version")
+    __slots__ = ("status", "reason", "headers", "framed")
 
-    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]], version: str) -> None:
+    def __init__(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
-        self.version = version
         # Content-Length or chunked: the end of the body is in the stream, not the connection's close.
         self.framed = False
         for name, value in headers:
@@ -183,7 +182,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self._status_reason = bytearray()
             self._headers = []
             return
-        self._head = Head(status, bytes(self._status_reason), self._headers, self._parser.get_http_version())
+        self._head = Head(status, bytes(self._status_reason), self._headers)
         if self._no_body:  # HEAD: llhttp cannot be told there is no body; the exchange ends here
             self.complete = True
             self._keep = False
