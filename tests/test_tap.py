@@ -255,3 +255,113 @@ def test_observers_charge_and_return_the_shared_budget():
     sse.feed(b"data: [DO", 1.0, Outcome())
     sse.close()
     assert budget.held == 0
+
+
+# --- the stream's template: events shaped like one already parsed, matched without a scan per marker -------
+
+def error_of(event: dict) -> bool:
+    return bool(event.get("error") not in (None, {}, "") and "error" in event
+                or event.get("object") == "error" or event.get("type") in ("error", "response.failed"))
+
+
+def reference_with_errors(data: bytes) -> tuple:
+    return reference_outcome(data) + (any(
+        error_of(json.loads(line[6:])) for line in data.split(b"\n") if line.startswith(b"data: {")),)
+
+
+def observe_reads(data: bytes, per_feed: int) -> tuple:
+    outcome = Outcome(status=200)
+    observer = SseObserver()
+    events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
+    line = 0
+    for i in range(0, len(events), per_feed):
+        block = b"".join(events[i : i + per_feed])
+        observer.feed(block, float(line), outcome)
+        line += block.count(b"\n")
+    hits = observer.templated
+    observer.finish(float(line), outcome)
+    accepted = outcome.spec.accepted if outcome.spec is not None and outcome.spec.source == "vllm" else None
+    return (outcome.content_chunks, outcome.first_token_at, outcome.completion_tokens, accepted,
+            outcome.stream_error), hits
+
+
+# Texts a model writes, with what JSON must escape: quotes, backslashes (runs of them before a quote), digits,
+# newlines, and text that looks like the structure around it.
+model_text = st.one_of(
+    st.just(""), st.text(max_size=6),
+    st.sampled_from(['say "hi"', "C:\\", "\\\\", 'a\\"', "42", '"},"error":{"x":1},"', "\n", '"content":"x']))
+# Variations of one vLLM chat chunk: most keep its shape; the others change it in ways a byte-pattern
+# check could confuse with the shape (an error key beside the content, a digit in a key, an empty text, a
+# finish reason, a key spelt with an escape). One choice per event, as vLLM streams even with n > 1.
+variation = st.sampled_from(["same", "same", "same", "same", "error", "err0r", "empty", "finish",
+                             "reasoning", "escaped_error", "escaped_other", "tool_call", "no_usage", "metrics"])
+
+
+def chunk(text: str, created: int, tokens: int, how: str) -> bytes:
+    delta = {"reasoning_content": text} if how == "reasoning" else {"content": "" if how == "empty" else text}
+    if how == "tool_call":
+        delta["tool_calls"] = [{"index": 0, "function": {"arguments": "{}"}}]
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": "length" if how == "finish" else None,
+              "token_ids": None}
+    event = {"id": f"chatcmpl-{created:x}", "object": "chat.completion.chunk", "created": created, "model": "m",
+             "choices": [choice]}
+    if how != "no_usage":
+        event["usage"] = {"prompt_tokens": 3, "total_tokens": 3 + tokens, "completion_tokens": tokens,
+                          "completion_tokens_details": None}
+    if how == "error":
+        event["error"] = {"message": "boom", "code": 500}
+    if how == "err0r":
+        event["err0r"] = {"message": "not an error"}
+    if how == "metrics":
+        event["metrics"] = {"speculative_decoding": {"num_accepted_draft_tokens": tokens, "num_draft_tokens": tokens,
+                                                     "num_spec_steps": 1}}
+    line = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+    if how == "escaped_error":  # a key that is "error" once the escape is read
+        line = line.replace('"model"', '"\\u0065rror"')
+    if how == "escaped_other":  # the same bytes but for one digit, and harmless: "frror"
+        line = line.replace('"model"', '"\\u0066rror"')
+    return b"data: " + line.encode()
+
+
+@given(st.lists(st.tuples(model_text, st.integers(0, 10**6), variation), max_size=40),
+       st.integers(1, 10**5), st.sampled_from([1, 2, 5]))
+def test_template_agrees_with_a_full_parse_on_random_streams(events, created, per_feed):
+    lines, tokens = [], 0
+    for text, step, how in events:
+        tokens += step % 1000
+        lines.append(chunk(text, created + step % 3, tokens, how))
+    lines.append(b'data: {"choices":[],"usage":{"completion_tokens":%d}}' % tokens)
+    data = b"\n\n".join(lines) + b"\n\ndata: [DONE]\n\n"
+    want = reference_with_errors(data)
+    got, _ = observe_reads(data, per_feed)
+    assert got[4] == want[4]
+    if want[4]:  # an error event makes the request a stream error, whatever else it counted
+        return
+    assert got[0] == want[0] and got[2:4] == want[2:4]
+    assert (got[1] is None and want[1] is None) or (per_feed > 1 or int(got[1]) == want[1])
+
+
+def test_template_takes_the_plain_chunks_of_a_real_stream():
+    """On vLLM's own chat stream, the content chunks are matched by the template, except the first, the
+    ones where a usage count gains a digit (total_tokens 9 -> 14, completion_tokens 6 -> 11) and the one that
+    carries the finish reason: these are parsed, and the stream's template learnt again from them."""
+    data = (FIXTURES / "chat-stream.sse").read_bytes()
+    got, hits = observe_reads(data, 1)
+    want = reference_with_errors(data)
+    assert got[0] == want[0] and got[2:] == want[2:]
+    content = want[0]
+    assert content == 22 and hits == content - 4
+
+
+def test_texts_with_quotes_and_backslashes_keep_the_template():
+    texts = ['say "hi"', "C:\\", '\\"', "x\\\\", '"', "plain"] * 4
+    data = b"\n\n".join(chunk(text, 7, 5, "same") for text in texts) + b"\n\n"
+    got, hits = observe_reads(data, 1)
+    assert got[0] == len(texts) and hits == len(texts) - 1  # all but the first, which taught the template
+
+
+def test_an_escape_never_makes_a_template():
+    line = chunk("x", 7, 1, "escaped_other")
+    from sidecar.tap.observe import _Template
+    assert _Template.learn(line) is None
+    assert _Template.learn(chunk("x", 7, 1, "same")) is not None

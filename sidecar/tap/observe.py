@@ -271,10 +271,11 @@ class BodyObserver:
 # escaped, so a key pattern that starts with '"' can only match the structure, never text a model wrote.
 _CONTENT_KEYS = (b'"text":"', b'"content":"', b'"reasoning_content":"', b'"reasoning":"')
 _QUOTE = 0x22
-# Events with these go through the line-by-line path: errors and non-compact JSON need a parse, Responses
-# API events and tool calls have their own rules, and vLLM may send `reasoning` beside `reasoning_content`
-# in one delta (two keys, one chunk).
-_NEEDS_LINES = (b'"error"', b'": ', b'"type":"response.', b'"tool_calls":[', b'"reasoning')
+# Events with these go through the line-by-line path: errors, non-compact JSON and \u escapes (the only
+# escape that can spell a letter, so a key such as "\u0065rror") need a parse, Responses API events and tool
+# calls have their own rules, and vLLM may send `reasoning` beside `reasoning_content` in one delta (two
+# keys, one chunk).
+_NEEDS_LINES = (b'"error"', b'": ', b"\\u", b'"type":"response.', b'"tool_calls":[', b'"reasoning')
 _BLOCK_CONTENT_KEYS = (b'"text":"', b'"content":"')
 _CLOSE_BRACKET = 0x5D
 
@@ -292,14 +293,84 @@ def _content_fast(line: bytes) -> bool:
     return at >= 0 and at + 14 < len(line) and line[at + 14] != _CLOSE_BRACKET
 
 
+# Digits all read as '0' in a template, so events that differ only in numbers (usage counts, a timestamp) or
+# in digits inside names (an id) share one. No key the observer acts on contains a digit.
+_ZERO_DIGITS = bytes.maketrans(b"123456789", b"000000000")
+_BACKSLASH = 0x5C
+
+
+def _string_end(data: bytes, at: int, end: int) -> int:
+    """Index of the quote that closes the JSON string whose text starts at *at*, or -1 before *end*."""
+    quote = data.find(b'"', at, end)
+    while quote > 0 and data[quote - 1] == _BACKSLASH:
+        run = quote - 1
+        while data[run - 1] == _BACKSLASH:
+            run -= 1
+        if (quote - run) % 2 == 0:  # an even run of backslashes escapes itself, not the quote
+            return quote
+        quote = data.find(b'"', quote + 1, end)
+    return quote
+
+
+class _Template:
+    """The shape of one content event of this stream, learnt from an event that was parsed in full: the bytes
+    before and after its text, with digits read as '0'. An event with the same shape and non-empty text at the
+    same place has the same meaning for the observer: the same keys at the same places, strings of the same
+    length, only its numbers and that text differ. The bytes around the text hold no backslash (checked when
+    learning), so no escape can make an equal-looking key a different one."""
+
+    __slots__ = ("head", "tail", "head_len", "tail_len", "usage", "spec", "hits")
+
+    def __init__(self, head: bytes, tail: bytes, usage: bool, spec: bool) -> None:
+        self.head, self.tail = head, tail
+        self.head_len, self.tail_len = len(head), len(tail)
+        self.usage, self.spec = usage, spec
+        self.hits = 0
+
+    @classmethod
+    def learn(cls, line: bytes) -> _Template | None:
+        """A template from one event line (``data: {...}``) that a full parse shows to be a content chunk
+        and not an error; None for anything else."""
+        try:
+            event = json.loads(line[5:])
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        if not isinstance(event, dict) or _is_error_event(event):
+            return None
+        choices = event.get("choices")
+        if not isinstance(choices, list) or not any(_has_content(c) for c in choices):
+            return None
+        if "type" in event or "response" in event:  # the Responses API keeps to the line path
+            return None
+        keys = [at for at in (line.find(b'"content":"'), line.find(b'"text":"')) if at >= 0]
+        if not keys:
+            return None
+        text = min(keys)
+        text += 11 if line.startswith(b'"content":"', text) else 8
+        if text >= len(line) or line[text] == _QUOTE:
+            return None
+        close = _string_end(line, text + 1, len(line))
+        if close < 0 or b"\\" in line[:text] or b"\\" in line[close:]:
+            return None
+        return cls(line[:text].translate(_ZERO_DIGITS), line[close:].translate(_ZERO_DIGITS) + b"\n\n",
+                   isinstance(event.get("usage"), dict), isinstance(event.get("metrics"), dict))
+
+
 class SseObserver:
     """Server-sent events: count content chunks, keep the last usage and any speculative metrics.
 
-    Only events that can change the outcome beyond a content count are parsed as JSON: for vLLM's compact
-    chunks, content is recognised from bytes (``"text":"x``, ``"content":"x``...), and of the chunks that
-    carry ``usage`` or ``metrics`` only the last of each is parsed, at the end of the stream. Error events,
-    Responses API events other than text deltas, and anything not in compact form are parsed as they
-    arrive."""
+    Only events that can change the outcome beyond a content count are parsed as JSON. Three paths, cheapest
+    first:
+
+    * the stream's template (``_Template``): after one content chunk was parsed, each event of the same
+      shape is one content chunk, checked with two comparisons and a search for the end of its text;
+    * a whole read at once (``_block``), by counting byte patterns of vLLM's compact chunks
+      (``"text":"x``, ``"content":"x``...) when every event in it has the plain shape;
+    * line by line, where error events, Responses API events other than text deltas, \\u escapes and
+      anything not in compact form are parsed as they arrive.
+
+    Of the chunks that carry ``usage`` or ``metrics`` only the last of each is parsed, at the end of the
+    stream."""
 
     MAX_LINE = 4 * 1024 * 1024
 
@@ -312,6 +383,11 @@ class SseObserver:
         self._broken = False
         self._last_usage: bytes | None = None
         self._last_spec: bytes | None = None
+        self._template: _Template | None = None
+        self.templated = 0  # events taken by a template, for tests
+        self._reads = 0  # reads with complete events; learning waits until _learn_at
+        self._learn_at = 0
+        self._backoff = 1
 
     def feed(self, chunk: bytes, now: float, outcome: Outcome) -> None:
         if self._broken:
@@ -322,11 +398,73 @@ class SseObserver:
             self._keep(data)
             return
         self._keep(data[end:] if end < len(data) else b"")
-        if self._broken or self._block(data, end, now, outcome):
+        if self._broken:
             return
-        for line in data[:end].split(b"\n"):
-            if line[:5] == b"data:":
-                self._line(line, now, outcome)
+        self._reads += 1
+        if self._template is not None:
+            done = self._templated(data, end, now, outcome)
+            if done == end:
+                return
+            if done:
+                data, end = data[done:end], end - done
+        if not self._block(data, end, now, outcome):
+            for line in data[:end].split(b"\n"):
+                if line[:5] == b"data:":
+                    self._line(line, now, outcome)
+        if self._reads >= self._learn_at:
+            self._learn(data, end)
+
+    def _templated(self, data: bytes, end: int, now: float, outcome: Outcome) -> int:
+        """Take the events at the start of ``data[:end]`` that have the stream's template shape: one content
+        chunk each, the last of them kept as usage (or metrics) when the template carries it. Returns where
+        the first other event starts (*end* when there is none)."""
+        template = self._template
+        head, tail, head_len, tail_len = template.head, template.tail, template.head_len, template.tail_len
+        # Translating digits leaves quotes and backslashes where they are, so the whole read is translated
+        # once and both the shape and the end of each text are read from that copy.
+        shape = (data if end == len(data) else data[:end]).translate(_ZERO_DIGITS)
+        at, last, count = 0, -1, 0
+        while at < end:
+            text = at + head_len
+            if text >= end or shape[text] == _QUOTE or not shape.startswith(head, at):
+                break
+            close = shape.find(b'"', text + 1, end)
+            if shape[close - 1] == _BACKSLASH:
+                close = _string_end(shape, text + 1, end)
+            if close < 0 or not shape.startswith(tail, close):
+                break
+            last, at = at, close + tail_len
+            count += 1
+        if count:
+            template.hits += count
+            self.templated += count
+            outcome.content_chunks += count
+            if outcome.first_token_at is None:
+                outcome.first_token_at = now
+            outcome.last_token_at = now
+            if template.usage or template.spec:
+                line = data[last : at - 2]
+                if template.usage:
+                    self._last_usage = line
+                if template.spec:
+                    self._last_spec = line
+        return at
+
+    def _learn(self, data: bytes, end: int) -> None:
+        """Take the last event of a read that went the slower way as the stream's template, if it is a plain
+        content chunk. A template that never matched doubles the wait before the next try (up to 256 reads),
+        so a stream whose events all differ pays for a parse only now and then."""
+        if self._template is not None and self._template.hits == 0:
+            self._backoff = min(self._backoff * 2, 256)
+        else:
+            self._backoff = 1
+        self._learn_at = self._reads + self._backoff
+        if end < 2 or data[end - 2] != 0x0A:  # the read does not end with a whole event
+            return
+        start = data.rfind(b"\n\n", 0, end - 2)
+        template = _Template.learn(data[start + 2 if start >= 0 else 0 : end - 2])
+        if template is not None:
+            self._template = template
 
     def _block(self, data: bytes, end: int, now: float, outcome: Outcome) -> bool:
         """All complete events of one read at once, by counting byte patterns over ``data[:end]``, when
@@ -380,7 +518,7 @@ class SseObserver:
     def _line(self, line: bytes, now: float, outcome: Outcome) -> None:
         if line.startswith(b"data: [DONE]"):
             return
-        if b'"error"' in line or b'": ' in line or (
+        if b'"error"' in line or b'": ' in line or b"\\u" in line or (
             b'"type":"response.' in line and b'"type":"response.output_text.delta"' not in line
         ):
             self._parse(line, now, outcome)
