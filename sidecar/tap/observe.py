@@ -319,13 +319,12 @@ class _Template:
     length, only its numbers and that text differ. The bytes around the text hold no backslash (checked when
     learning), so no escape can make an equal-looking key a different one."""
 
-    __slots__ = ("head", "tail", "head_len", "tail_len", "usage", "spec", "hits")
+    __slots__ = ("head", "tail", "head_len", "tail_len", "usage", "spec")
 
     def __init__(self, head: bytes, tail: bytes, usage: bool, spec: bool) -> None:
         self.head, self.tail = head, tail
         self.head_len, self.tail_len = len(head), len(tail)
         self.usage, self.spec = usage, spec
-        self.hits = 0
 
     @classmethod
     def learn(cls, line: bytes) -> _Template | None:
@@ -385,14 +384,24 @@ class SseObserver:
         self._last_spec: bytes | None = None
         self._template: _Template | None = None
         self.templated = 0  # events taken by a template, for tests
+        self._templated_before = 0  # ... when the template was learnt
         self._reads = 0  # reads with complete events; learning waits until _learn_at
         self._learn_at = 0
         self._backoff = 1
 
     def feed(self, chunk: bytes, now: float, outcome: Outcome) -> None:
+        if self._buffer:
+            data = self._buffer + chunk
+        elif self._template is not None and chunk[-1:] == b"\n" and not self._broken:
+            # The common read: whole events, nothing held from the last one; mostly all of it templated.
+            done = self._templated(chunk, len(chunk), now, outcome)
+            if done == len(chunk):
+                return
+            data = chunk[done:] if done else chunk
+        else:
+            data = chunk
         if self._broken:
             return
-        data = self._buffer + chunk if self._buffer else chunk
         end = data.rfind(b"\n") + 1
         if end == 0:
             self._keep(data)
@@ -423,38 +432,40 @@ class SseObserver:
         # Translating digits leaves quotes and backslashes where they are, so the whole read is translated
         # once and both the shape and the end of each text are read from that copy.
         shape = (data if end == len(data) else data[:end]).translate(_ZERO_DIGITS)
-        at, last, count = 0, -1, 0
-        while at < end:
+        startswith, find = shape.startswith, shape.find
+        at = last = 0
+        while True:
             text = at + head_len
-            if text >= end or shape[text] == _QUOTE or not shape.startswith(head, at):
+            if text >= end or shape[text] == _QUOTE or not startswith(head, at):
                 break
-            close = shape.find(b'"', text + 1, end)
+            close = find(b'"', text + 1, end)
             if shape[close - 1] == _BACKSLASH:
                 close = _string_end(shape, text + 1, end)
-            if close < 0 or not shape.startswith(tail, close):
+            if close < 0 or not startswith(tail, close):
                 break
             last, at = at, close + tail_len
-            count += 1
-        if count:
-            template.hits += count
-            self.templated += count
-            outcome.content_chunks += count
+            if at >= end:
+                break
+        if at:
+            outcome.last_token_at = now
             if outcome.first_token_at is None:
                 outcome.first_token_at = now
-            outcome.last_token_at = now
-            if template.usage or template.spec:
-                line = data[last : at - 2]
-                if template.usage:
-                    self._last_usage = line
+            count = 1 if last == 0 else shape.count(b"\n\n", 0, at)  # each event ends in one blank line
+            self.templated += count
+            outcome.content_chunks += count
+            if template.usage:
+                self._last_usage = data[last : at - 2]
                 if template.spec:
-                    self._last_spec = line
+                    self._last_spec = self._last_usage
+            elif template.spec:
+                self._last_spec = data[last : at - 2]
         return at
 
     def _learn(self, data: bytes, end: int) -> None:
         """Take the last event of a read that went the slower way as the stream's template, if it is a plain
         content chunk. A template that never matched doubles the wait before the next try (up to 256 reads),
         so a stream whose events all differ pays for a parse only now and then."""
-        if self._template is not None and self._template.hits == 0:
+        if self._template is not None and self.templated == self._templated_before:
             self._backoff = min(self._backoff * 2, 256)
         else:
             self._backoff = 1
@@ -465,6 +476,7 @@ class SseObserver:
         template = _Template.learn(data[start + 2 if start >= 0 else 0 : end - 2])
         if template is not None:
             self._template = template
+            self._templated_before = self.templated
 
     def _block(self, data: bytes, end: int, now: float, outcome: Outcome) -> bool:
         """All complete events of one read at once, by counting byte patterns over ``data[:end]``, when
