@@ -46,7 +46,7 @@ test: venv vllm system-deps k8s-tools
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py sidecar/tap/_scan.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
@@ -110,7 +110,8 @@ $(TOOLS)/.installed:
 chart: venv
 	$(BIN)/python tools/sync_chart.py
 
-## image: wheelhouse for the image's Python (.cache/image/wheels), then the Containerfile; no index access in the build
+## image: wheelhouse for the image's Python (.cache/image/wheels), then the Containerfile; no index access in the build.
+## The project's own wheel (with its C scan) is built by the host's Python: IMAGE_PYTHON must be that version.
 IMAGE ?= localhost/specdec-sidecar:dev
 IMAGE_BASE ?= docker.io/library/python:3.11-slim-bookworm
 IMAGE_PYTHON ?= 3.11
@@ -121,6 +122,6 @@ image: venv
 	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
 	$(BIN)/pip wheel --quiet --no-deps -w $(WHEELS) .
 	$(BIN)/pip download --quiet --only-binary=:all: --python-version $(IMAGE_PYTHON) --implementation cp \
-	  $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1,--platform $(p)_$(IMAGE_ARCH)) \
+	  $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1 linux,--platform $(p)_$(IMAGE_ARCH)) \
 	  -d $(WHEELS) $(WHEELS)/specdec_sidecar-*.whl
 	$(IMAGE_BUILD) --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) -f Containerfile .

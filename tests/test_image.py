@@ -165,6 +165,7 @@ def test_image_config(image, container):
     root = Path(sh(["buildah", "mount", container], timeout=60).stdout.strip())
     site = next((root / "opt" / "specdec-sidecar" / "lib").glob("python3*/site-packages"))
     assert (site / "sidecar" / "cli.py").exists()
+    assert list((site / "sidecar" / "tap").glob("_scan.cpython-*.so")), "the tap's C scan is built into the image"
     assert not (site / "devstack").exists(), "devstack/ is not part of the product"
     assert not (root / "tmp" / "wheels").exists(), "the wheelhouse stays in the build stage"
     assert not list((root / "opt" / "specdec-sidecar" / "bin").glob("pip*")), "no pip in the runtime image"

@@ -365,3 +365,75 @@ def test_an_escape_never_makes_a_template():
     from sidecar.tap.observe import _Template
     assert _Template.learn(line) is None
     assert _Template.learn(chunk("x", 7, 1, "same")) is not None
+
+
+# --- the C scan and its Python twin ------------------------------------------------------------------------
+
+def test_the_c_scan_is_built():
+    """The package builds sidecar/tap/_scan.c wherever there is a C compiler (here, CI, the image's
+    wheelhouse); without it the observer falls back to the Python twin, correct but slower."""
+    from sidecar.tap import observe
+    from sidecar.tap._scan import templated
+
+    assert observe.templated is templated
+
+
+def _template_of(line: bytes):
+    from sidecar.tap.observe import _Template
+    template = _Template.learn(line)
+    assert template is not None
+    return template
+
+
+@given(st.lists(st.tuples(model_text, st.integers(0, 10**6), st.sampled_from(["same", "same", "empty", "finish",
+                                                                               "no_usage", "error", "err0r"])),
+                min_size=1, max_size=12),
+       st.integers(0, 400), st.binary(max_size=40), st.integers(0, 4), st.lists(st.integers(0, 10**6), max_size=4))
+def test_c_scan_and_python_twin_agree(events, cut, noise, where, digits):
+    """Same (at, last, count) on reads built from template-shaped events, with other events among them, cut
+    anywhere, random bytes spliced in, or digits written over any byte."""
+    from sidecar.tap._scan import templated
+    from sidecar.tap.observe import templated_py
+
+    template = _template_of(chunk("x", 7, 5, "same"))
+    lines = [chunk(text, 7, step % 7, how) + b"\n\n" for text, step, how in events]  # the template's digit counts
+    data = b"".join(lines)
+    if where == 1:
+        data = data[: len(data) - cut % (len(data) + 1)]
+    elif where == 2:
+        at = cut % (len(data) + 1)
+        data = data[:at] + noise + data[at:]
+    elif where == 3:
+        for value in digits:
+            at = value % len(data)
+            data = data[:at] + b"%d" % (value % 10) + data[at + 1 :]
+    for end in (len(data), max(0, len(data) - cut), len(data) + 5):
+        assert templated(data, end, template.head, template.tail) == templated_py(
+            data, end, template.head, template.tail)
+
+
+def test_c_scan_refuses_wrong_types():
+    from sidecar.tap._scan import templated
+
+    with pytest.raises(TypeError):
+        templated("text", 4, b"a", b"b")
+    with pytest.raises(TypeError):
+        templated(b"text", 4, b"a")
+    assert templated(b"", 0, b"data", b"x") == (0, 0, 0)
+
+
+def test_c_scan_and_python_twin_agree_at_every_end_and_byte():
+    from sidecar.tap._scan import templated
+    from sidecar.tap.observe import templated_py
+
+    template = _template_of(chunk("x", 7, 5, "same"))
+    data = chunk('say "hi"\\', 7, 6, "same") + b"\n\n" + chunk("y", 8, 3, "same") + b"\n\n"
+    for end in range(len(data) + 1):
+        got = templated(data, end, template.head, template.tail)
+        assert got == templated_py(data, end, template.head, template.tail), end
+    assert templated(data, len(data), template.head, template.tail)[2] == 2
+    for at in range(len(data)):  # a digit over each byte: only where the template has a digit is it the same
+        for digit in b"05":
+            changed = data[:at] + bytes([digit]) + data[at + 1 :]
+            got = templated(changed, len(changed), template.head, template.tail)
+            assert got == templated_py(changed, len(changed), template.head, template.tail), (at, digit)

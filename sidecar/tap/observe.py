@@ -355,6 +355,39 @@ class _Template:
                    isinstance(event.get("usage"), dict), isinstance(event.get("metrics"), dict))
 
 
+def templated_py(data: bytes, end: int, head: bytes, tail: bytes) -> tuple[int, int, int]:
+    """The events at the start of ``data[:end]`` with the template's shape (*head*, a non-empty string's
+    text, *tail* after its closing quote; digits read as '0'): the end of the last one, where it started,
+    and how many. ``sidecar/tap/_scan.c`` gives the same answer in C; this is the fallback without it."""
+    head_len, tail_len = len(head), len(tail)
+    # Translating digits leaves quotes and backslashes where they are, so the whole read is translated once
+    # and both the shape and the end of each text are read from that copy.
+    shape = (data if end == len(data) else data[:end]).translate(_ZERO_DIGITS)
+    end = len(shape)
+    startswith, find = shape.startswith, shape.find
+    at = last = count = 0
+    while end:
+        text = at + head_len
+        if text >= end or shape[text] == _QUOTE or not startswith(head, at):
+            break
+        close = find(b'"', text + 1, end)
+        if shape[close - 1] == _BACKSLASH:
+            close = _string_end(shape, text + 1, end)
+        if close < 0 or not startswith(tail, close):
+            break
+        last, at = at, close + tail_len
+        count += 1
+        if at >= end:
+            break
+    return at, last, count
+
+
+try:
+    from sidecar.tap._scan import templated
+except ImportError:  # not built (no C compiler where it was installed): the same answer, slower
+    templated = templated_py
+
+
 class SseObserver:
     """Server-sent events: count content chunks, keep the last usage and any speculative metrics.
 
@@ -362,7 +395,8 @@ class SseObserver:
     first:
 
     * the stream's template (``_Template``): after one content chunk was parsed, each event of the same
-      shape is one content chunk, checked with two comparisons and a search for the end of its text;
+      shape is one content chunk, checked with two comparisons and a search for the end of its text, in C
+      (``_scan.c``, with a Python twin where it is not built);
     * a whole read at once (``_block``), by counting byte patterns of vLLM's compact chunks
       (``"text":"x``, ``"content":"x``...) when every event in it has the plain shape;
     * line by line, where error events, Responses API events other than text deltas, \\u escapes and
@@ -428,29 +462,11 @@ class SseObserver:
         chunk each, the last of them kept as usage (or metrics) when the template carries it. Returns where
         the first other event starts (*end* when there is none)."""
         template = self._template
-        head, tail, head_len, tail_len = template.head, template.tail, template.head_len, template.tail_len
-        # Translating digits leaves quotes and backslashes where they are, so the whole read is translated
-        # once and both the shape and the end of each text are read from that copy.
-        shape = (data if end == len(data) else data[:end]).translate(_ZERO_DIGITS)
-        startswith, find = shape.startswith, shape.find
-        at = last = 0
-        while True:
-            text = at + head_len
-            if text >= end or shape[text] == _QUOTE or not startswith(head, at):
-                break
-            close = find(b'"', text + 1, end)
-            if shape[close - 1] == _BACKSLASH:
-                close = _string_end(shape, text + 1, end)
-            if close < 0 or not startswith(tail, close):
-                break
-            last, at = at, close + tail_len
-            if at >= end:
-                break
-        if at:
+        at, last, count = templated(data, end, template.head, template.tail)
+        if count:
             outcome.last_token_at = now
             if outcome.first_token_at is None:
                 outcome.first_token_at = now
-            count = 1 if last == 0 else shape.count(b"\n\n", 0, at)  # each event ends in one blank line
             self.templated += count
             outcome.content_chunks += count
             if template.usage:
