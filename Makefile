@@ -52,12 +52,13 @@ $(VENV)/.installed: pyproject.toml setup.py sidecar/tap/_scan.c
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-## bench: scrape-path and proxy-path benchmarks (the latter against nginx), figures into docs/benchmarks.md;
+## bench: scrape-path, proxy-path (against nginx) and tap-per-read benchmarks, figures into docs/benchmarks.md;
 ## fleet scale (a real Prometheus with the project's rules over 50/200/500 sidecar pages) into docs/scaling.md
 bench: venv system-deps
 	@command -v nginx >/dev/null || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light) >/dev/null; } || echo "nginx not installed: the proxy benchmark runs without it"
 	$(BIN)/python bench/bench_scrape.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_proxy.py --write docs/benchmarks.md
+	$(BIN)/python bench/bench_tap.py --write docs/benchmarks.md
 	$(BIN)/python bench/bench_fleet.py --write docs/scaling.md
 	$(BIN)/python bench/bench_load.py --streams 1000 --slow 100
 
