@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
@@ -154,6 +155,9 @@ class RequestMetrics:
         for reason in UNATTRIBUTED_REASONS:
             self.unattributed.labels(reason)
         self._totals: dict[tuple[str, str], list[float]] = {}
+        # Each metric's child per label values, looked up once: prometheus_client's labels() validates and
+        # locks on every call. Bounded as the label sets are (models, buckets, fixed words).
+        self._children: dict[tuple, Any] = {}
         self._checkpoints: deque[Checkpoint] = deque()
 
     def request_done(self, info: RequestInfo | None, outcome: Outcome, started: float, ended: float) -> None:
@@ -162,7 +166,7 @@ class RequestMetrics:
         model = self.models.label(info.model)
         read = info.parse_error is None
         bucket = self.buckets.bucket(info.temperature, info.temperature_present) if read else UNREAD_BUCKET
-        self.requests.labels(model, bucket, status_class(outcome.status)).inc()
+        self._child(self.requests, model, bucket, status_class(outcome.status)).inc()
         reason = info.parse_error or outcome.unattributed
         if reason is None and outcome.status >= 400:
             reason = "error_status"
@@ -172,36 +176,43 @@ class RequestMetrics:
         if read and outcome.status < 400 and outcome.finished:
             self._latency(model, bucket, info.stream, outcome, started, ended)
         if reason is not None or outcome.spec is None:
-            self.unattributed.labels(reason or "no_spec_metrics").inc()
+            self._child(self.unattributed, reason or "no_spec_metrics").inc()
             return
         spec = outcome.spec
-        self.accepted.labels(model, bucket, spec.source).inc(spec.accepted)
-        self.steps.labels(model, bucket, spec.source).inc(spec.steps)
+        self._child(self.accepted, model, bucket, spec.source).inc(spec.accepted)
+        self._child(self.steps, model, bucket, spec.source).inc(spec.steps)
         if spec.drafted is not None:
-            self.drafted.labels(model, bucket, spec.source).inc(spec.drafted)
+            self._child(self.drafted, model, bucket, spec.source).inc(spec.drafted)
         if spec.source == "vllm":
             totals = self._totals.setdefault((model, bucket), [0.0, 0.0, 0.0])
             totals[0] += spec.accepted
             totals[1] += spec.drafted or 0
             totals[2] += spec.steps
             if (rate := spec.acceptance_rate) is not None:
-                self.acceptance.labels(model, bucket).observe(rate)
+                self._child(self.acceptance, model, bucket).observe(rate)
         if (length := spec.mean_acceptance_length) is not None:
-            self.length.labels(model, spec.source).observe(length)
+            self._child(self.length, model, spec.source).observe(length)
 
     def _latency(self, model: str, bucket: str, stream: bool, outcome: Outcome, started: float, ended: float) -> None:
-        self.e2e.labels(model, "true" if stream else "false").observe(max(0.0, ended - started))
+        self._child(self.e2e, model, "true" if stream else "false").observe(max(0.0, ended - started))
         tokens = outcome.completion_tokens
         if tokens is not None:
-            self.output_tokens.labels(model, bucket).inc(tokens)
+            self._child(self.output_tokens, model, bucket).inc(tokens)
         # TTFT and TPOT are stream-only: a non-streamed body arrives at once, so its "first token" is the
         # end-to-end time (already above) and e2e / tokens mixes prefill into a per-token figure.
         if not stream or outcome.first_token_at is None:
             return
-        self.ttft.labels(model, bucket, "true").observe(max(0.0, outcome.first_token_at - started))
+        self._child(self.ttft, model, bucket, "true").observe(max(0.0, outcome.first_token_at - started))
         if tokens and tokens > 1 and outcome.last_token_at is not None:
             tpot = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
-            self.tpot.labels(model, bucket, "true").observe(max(0.0, tpot))
+            self._child(self.tpot, model, bucket, "true").observe(max(0.0, tpot))
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     # --- windows for the per-bucket verdict --------------------------------------------------------------
 
