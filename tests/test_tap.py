@@ -147,17 +147,7 @@ def observe_lines(data: bytes) -> tuple:
 def observe_events(data: bytes, per_feed: int) -> tuple:
     """Feed *per_feed* whole events at a time (a proxy read often holds several); "now" is the index of the
     first line of the feed."""
-    outcome = Outcome(status=200)
-    observer = SseObserver()
-    events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
-    line = 0
-    for i in range(0, len(events), per_feed):
-        block = b"".join(events[i : i + per_feed])
-        observer.feed(block, float(line), outcome)
-        line += block.count(b"\n")
-    observer.finish(float(line), outcome)
-    accepted = outcome.spec.accepted if outcome.spec is not None and outcome.spec.source == "vllm" else None
-    return outcome.content_chunks, outcome.first_token_at, outcome.completion_tokens, accepted
+    return observe_reads(data, per_feed)[0][:4]
 
 
 @pytest.mark.parametrize("name", ["completion-stream.sse", "chat-stream.sse", "completion-stream-no-spec-metrics.sse"])
@@ -270,6 +260,7 @@ def reference_with_errors(data: bytes) -> tuple:
 
 
 def observe_reads(data: bytes, per_feed: int) -> tuple:
+    """As observe_events, and also whether a stream error was seen; with the events the template took."""
     outcome = Outcome(status=200)
     observer = SseObserver()
     events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
