@@ -1,5 +1,5 @@
 /* The tap's per-read scan over server-sent events, in C: the same answer as the Python loop in
- * sidecar/tap/observe.py (`_templated_py`), which stays as the fallback when this module is not built.
+ * sidecar/tap/observe.py (`templated_py`), which stays as the fallback when this module is not built.
  *
  * templated(data, end, head, tail) -> (at, last, count)
  *

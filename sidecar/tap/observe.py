@@ -424,6 +424,7 @@ class SseObserver:
         self._backoff = 1
 
     def feed(self, chunk: bytes, now: float, outcome: Outcome) -> None:
+        tried = False  # the template was already tried at the start of data
         if self._buffer:
             data = self._buffer + chunk
         elif self._template is not None and chunk[-1:] == b"\n" and not self._broken:
@@ -431,7 +432,7 @@ class SseObserver:
             done = self._templated(chunk, len(chunk), now, outcome)
             if done == len(chunk):
                 return
-            data = chunk[done:] if done else chunk
+            data, tried = (chunk[done:] if done else chunk), True
         else:
             data = chunk
         if self._broken:
@@ -444,7 +445,7 @@ class SseObserver:
         if self._broken:
             return
         self._reads += 1
-        if self._template is not None:
+        if self._template is not None and not tried:
             done = self._templated(data, end, now, outcome)
             if done == end:
                 return
