@@ -1,8 +1,11 @@
 """The sidecar's HTTP side: /metrics, /healthz, /readyz, the optional proxy, and background tasks' lifetime.
 
-``create_app`` returns the metrics application. Its cleanup context owns, in order: the shared aiohttp
-client session, the monitor (poll loop), the model-name refresher and, when ``proxy_port`` is set, the proxy
-listening on its own port. Everything is cancelled and awaited on shutdown.
+``create_app`` returns the metrics application. Three sources each publish their own snapshot on their own
+clock: the monitor (poll loop over vLLM's /metrics), the tap's windows (``tap/windows.py``) and the
+calibration file; the collector and the status page only read those snapshots. The cleanup context owns, in
+order: the poll session, the poll loop, the tap's windows, the calibration watcher, the model-name refresher
+and, when ``proxy_port`` is set, the proxy listening on its own port. Everything is cancelled and awaited on
+shutdown.
 """
 
 from __future__ import annotations
@@ -18,24 +21,28 @@ from prometheus_client import CollectorRegistry, Gauge, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 
 from sidecar import __version__
+from sidecar.calibration import Calibration
+from sidecar.calibration_source import CalibrationSource
+from sidecar.config import Settings, redact_url
 from sidecar.export.collector import HealthCollector
 from sidecar.export.status_page import StatusPage
-from sidecar.config import Settings, redact_url
-from sidecar.upstream.monitor import Monitor
-from sidecar.tap.proxy import Proxy
 from sidecar.model_names import ModelNames, served_names
 from sidecar.tap.metrics import RequestMetrics
+from sidecar.tap.proxy import Proxy
+from sidecar.tap.windows import TapHealth, TapMonitor
+from sidecar.upstream.monitor import Monitor, MonitorState
 from sidecar.upstream.scrape import Scraper
 
 log = structlog.get_logger("sidecar.app")
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-SESSION = web.AppKey("session", aiohttp.ClientSession)
 POLL_SESSION = web.AppKey("poll_session", aiohttp.ClientSession)
 MONITOR = web.AppKey("monitor", Monitor)
 REQUESTS = web.AppKey("requests", RequestMetrics)
 MODEL_NAMES = web.AppKey("model_names", ModelNames)
+TAP_WINDOWS = web.AppKey("tap_windows", TapMonitor)
+CALIBRATION = web.AppKey("calibration", CalibrationSource)
 POLL_TASK = web.AppKey("poll_task", asyncio.Task)
 PROXY_PORT = web.AppKey("proxy_port", int)
 
@@ -64,7 +71,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "scrapes": state.scrapes})
 
 
-async def _client_session(app: web.Application) -> AsyncIterator[None]:
+async def _poll_session(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # The poll session is the sidecar's own client of vLLM and decodes what it asks for (gzip); the proxy
     # has its own connections (sidecar.tap.upstream).
@@ -74,27 +81,44 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         cookie_jar=aiohttp.DummyCookieJar(),
     )
     app[POLL_SESSION] = poll_session
-    monitor = Monitor(
-        settings,
-        Scraper(poll_session, settings.upstream, settings.scrape_timeout, api_key=settings.api_key),
-        app[REGISTRY],
-        on_tick=app[REQUESTS].checkpoint,
-        bucket_deltas=app[REQUESTS].bucket_deltas,
-        on_models=app[MODEL_NAMES].update_scraped,
-    )
-    app[MONITOR] = monitor
-    app[REGISTRY].register(HealthCollector(lambda: monitor.state, settings))
     yield
     await poll_session.close()
 
 
 async def _poll_loop(app: web.Application) -> AsyncIterator[None]:
-    task = asyncio.create_task(app[MONITOR].run(), name="specdec-poll")
+    settings = app[SETTINGS]
+    monitor = Monitor(
+        settings,
+        Scraper(app[POLL_SESSION], settings.upstream, settings.scrape_timeout, api_key=settings.api_key),
+        app[REGISTRY],
+        on_models=app[MODEL_NAMES].update_scraped,
+    )
+    app[MONITOR] = monitor
+    task = asyncio.create_task(monitor.run(), name="specdec-poll")
     app[POLL_TASK] = task
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with _running(task):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _running(task: asyncio.Task) -> AsyncIterator[None]:
+    """Cancel and await *task* when the block ends."""
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _tap_windows(app: web.Application) -> AsyncIterator[None]:
+    async with _running(asyncio.create_task(app[TAP_WINDOWS].run(), name="specdec-tap-windows")):
+        yield
+
+
+async def _calibration(app: web.Application) -> AsyncIterator[None]:
+    async with _running(asyncio.create_task(app[CALIBRATION].run(), name="specdec-calibration")):
+        yield
 
 
 async def _refresh_models(app: web.Application) -> None:
@@ -132,14 +156,11 @@ async def _refresh_models(app: web.Application) -> None:
 
 
 async def _model_refresher(app: web.Application) -> AsyncIterator[None]:
-    task = None
-    if not app[SETTINGS].models:
-        task = asyncio.create_task(_refresh_models(app), name="specdec-models")
-    yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    if app[SETTINGS].models:
+        yield
+        return
+    async with _running(asyncio.create_task(_refresh_models(app), name="specdec-models")):
+        yield
 
 
 async def _proxy(app: web.Application) -> AsyncIterator[None]:
@@ -171,14 +192,26 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     info = Gauge("specdec_build_info", "specdec-sidecar version.", ["version"], registry=app[REGISTRY])
     info.labels(__version__).set(1)
     app[MODEL_NAMES] = ModelNames(settings.models)
-    app[REQUESTS] = RequestMetrics(
-        app[REGISTRY], settings.temperature_buckets, app[MODEL_NAMES], history=max(settings.windows)
-    )
-    app.cleanup_ctx.append(_client_session)
+    app[REQUESTS] = RequestMetrics(app[REGISTRY], settings.temperature_buckets, app[MODEL_NAMES])
+    app[TAP_WINDOWS] = TapMonitor(app[REQUESTS].totals, settings.windows, settings.scrape_interval)
+    app[CALIBRATION] = CalibrationSource(settings.calibration, app[REGISTRY], interval=settings.scrape_interval)
+    app.cleanup_ctx.append(_poll_session)
     app.cleanup_ctx.append(_poll_loop)
+    app.cleanup_ctx.append(_tap_windows)
+    app.cleanup_ctx.append(_calibration)
     app.cleanup_ctx.append(_model_refresher)
     app.cleanup_ctx.append(_proxy)
-    app.router.add_get("/", StatusPage(app[REGISTRY], settings).handle)
+    def upstream() -> MonitorState:
+        return app[MONITOR].state if MONITOR in app else MonitorState()
+
+    def tap() -> TapHealth:
+        return app[TAP_WINDOWS].state
+
+    def calibration() -> Calibration | None:
+        return app[CALIBRATION].state
+
+    app[REGISTRY].register(HealthCollector(upstream, settings, get_tap=tap, get_calibration=calibration))
+    app.router.add_get("/", StatusPage(settings, upstream, tap, calibration).handle)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

@@ -87,3 +87,18 @@ def parse_edges(value: str | Sequence[float]) -> tuple[float, ...]:
         except ValueError:
             raise ValueError(f"{value!r} is not a comma-separated list of numbers") from None
     return tuple(float(v) for v in value)
+
+
+def label_order(label: str) -> tuple[int, float, str]:
+    """Sort key for bucket labels of any edges: greedy, the ranges by upper edge, above the last edge,
+    ``default``, ``invalid``, ``unread``, then anything else (e.g. a sidecar with other edges)."""
+    fixed = {GREEDY: 0, OMITTED: 3, INVALID: 4, UNREAD: 5}
+    if label in fixed:
+        return (fixed[label], 0.0, label)
+    try:
+        if label.startswith("gt"):
+            return (2, float(label[2:]), label)
+        lower, upper = label.split("-", 1)
+        return (1, float(upper), label)
+    except ValueError:
+        return (6, 0.0, label)

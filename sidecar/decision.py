@@ -1,9 +1,11 @@
 """The decision maths in one place: is speculative decoding paying for itself?
 
-Below ``break_even`` acceptance the draft's extra verify compute costs more than the accepted tokens save:
-turn it off. From ``break_even`` up to ``near_upper`` it is roughly a wash. At or above it usually helps.
-The sidecar, ``top``, ``measure`` and ``plan`` all import this module; nothing else defines the thresholds'
-meaning. Also here: clamped ratios and histogram quantiles computed the way PromQL's ``histogram_quantile``
+One verdict function, ``judge``, decides for a model and for each temperature bucket alike. With a
+calibration from ``measure`` (the draft's cost ``c`` per token at the current load) it judges by the modelled
+speed-up ``L / (1 + c*d)``: ``use`` at or above 1 + band, ``disable`` below 1 - band, ``near_break_even``
+between. Without one it falls back to the rule of thumb: below ``break_even`` acceptance (0.5) the draft's
+verify work costs more than it saves, up to ``near_upper`` (0.65) a wash, above it a win. The sidecar,
+``top``, ``measure`` and ``plan`` all import this module; nothing else defines the thresholds' meaning. Also here: clamped ratios and histogram quantiles computed the way PromQL's ``histogram_quantile``
 does (linear interpolation inside the bucket holding the rank; a rank in ``+Inf`` returns the highest finite
 bound), so ``top``, ``measure`` and the recording rules agree.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class Verdict(enum.StrEnum):
@@ -26,6 +29,12 @@ VERDICTS: tuple[Verdict, ...] = tuple(Verdict)
 
 DEFAULT_BREAK_EVEN = 0.5
 DEFAULT_NEAR_UPPER = 0.65
+# The neutral band around a speed-up of 1: the calibrated verdict's near_break_even and measure's "neutral"
+# (a measured speed-up within 5% of 1 is inside the run-to-run spread seen on the same server).
+DEFAULT_BAND = 0.05
+
+SOURCE_DEFAULT = "default"
+SOURCE_MEASURE = "measure"
 
 
 def decide(
@@ -41,6 +50,97 @@ def decide(
     if acceptance < near_upper:
         return Verdict.NEAR_BREAK_EVEN
     return Verdict.USE
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """What a verdict is judged against, for one model at its current load.
+
+    ``source`` is ``measure`` when a calibration gave the draft's cost ``draft_cost`` (target passes per
+    draft token at the current load) and ``default`` when the configured rule of thumb applies (then
+    ``draft_cost`` is ``None``). ``break_even`` and ``near_upper`` are acceptance rates either way: the
+    calibrated ones are where the modelled speed-up crosses 1 and 1 + band.
+    """
+
+    break_even: float
+    near_upper: float
+    source: str = SOURCE_DEFAULT
+    draft_cost: float | None = None
+    band: float = DEFAULT_BAND
+    drafts_per_step: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """One verdict with the numbers behind it."""
+
+    verdict: Verdict
+    acceptance: float | None
+    modelled_speedup: float | None
+    thresholds: Thresholds
+
+
+def default_thresholds(
+    break_even: float = DEFAULT_BREAK_EVEN, near_upper: float = DEFAULT_NEAR_UPPER, band: float = DEFAULT_BAND
+) -> Thresholds:
+    return Thresholds(break_even, near_upper, SOURCE_DEFAULT, None, band)
+
+
+def calibrated_thresholds(draft_cost: float, drafts_per_step: float, band: float = DEFAULT_BAND) -> Thresholds:
+    """Thresholds from the draft's cost c at the current load and the drafts proposed per verify step d.
+
+    With acceptance rate r, a verify step yields L = 1 + d*r tokens and costs 1 + c*d target passes, so the
+    modelled speed-up L / (1 + c*d) crosses 1 exactly at r = c (the break-even, whatever d is) and reaches
+    1 + band at r = ((1 + band)(1 + c*d) - 1) / d. Both are clamped to 0..1.
+    """
+    c = max(0.0, draft_cost)
+    d = max(drafts_per_step, 1e-9)
+    upper = ((1.0 + band) * (1.0 + c * d) - 1.0) / d
+    return Thresholds(min(1.0, c), min(1.0, max(0.0, upper)), SOURCE_MEASURE, c, band, drafts_per_step)
+
+
+def modelled_speedup(accepted: float, drafted: float, steps: float, draft_cost: float) -> float | None:
+    """L / (1 + c*d): L = 1 + accepted / steps tokens per verify step, d = drafted / steps draft tokens per
+    step, c the draft's cost per token in target passes. With k drafts every step it is (1 + k*r)/(1 + k*c)
+    for acceptance rate r. ``None`` without verify steps."""
+    if steps <= 0:
+        return None
+    length = 1.0 + max(0.0, accepted) / steps
+    return length / (1.0 + max(0.0, draft_cost) * max(0.0, drafted) / steps)
+
+
+def judge(
+    accepted: float | None,
+    drafted: float | None,
+    steps: float | None,
+    min_drafts: float,
+    thresholds: Thresholds,
+) -> Judgement:
+    """The verdict for one window's totals (a model's, from vLLM's counters, or a bucket's, from the tap).
+
+    Below ``min_drafts`` verify steps: ``insufficient_data``. Calibrated: by the modelled speed-up against
+    1 +- band. Otherwise: by acceptance against ``break_even`` / ``near_upper``.
+    """
+    acceptance = window_acceptance(accepted, drafted, steps, min_drafts)
+    if acceptance is None:
+        return Judgement(Verdict.INSUFFICIENT_DATA, None, None, thresholds)
+    if thresholds.draft_cost is None:
+        return Judgement(decide(acceptance, thresholds.break_even, thresholds.near_upper), acceptance, None, thresholds)
+    assert accepted is not None and drafted is not None and steps is not None  # window_acceptance checked
+    speedup = modelled_speedup(accepted, drafted, steps, thresholds.draft_cost)
+    assert speedup is not None
+    return Judgement(speedup_verdict(speedup, thresholds.band), acceptance, speedup, thresholds)
+
+
+def speedup_verdict(speedup: float, band: float = DEFAULT_BAND) -> Verdict:
+    """``use`` at or above 1 + band, ``disable`` below 1 - band, ``near_break_even`` between."""
+    if math.isnan(speedup):
+        return Verdict.INSUFFICIENT_DATA
+    if speedup >= 1.0 + band:
+        return Verdict.USE
+    if speedup < 1.0 - band:
+        return Verdict.DISABLE
+    return Verdict.NEAR_BREAK_EVEN
 
 
 def enough_drafts(steps: float | None, min_drafts: float) -> bool:

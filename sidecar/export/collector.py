@@ -1,7 +1,12 @@
-"""Renders the latest ``Health`` as Prometheus metric families on every scrape (no I/O, no mutation).
+"""Renders the sources' latest snapshots as Prometheus metric families on every scrape (no I/O, no mutation).
 
-While the upstream is unreachable only ``specdec_upstream_up 0`` is rendered from here: derived series
-vanish instead of freezing at old values. Example output::
+Two snapshots come in, each published by its own source on its own clock: the upstream's ``MonitorState``
+(vLLM's counters, polled) and the tap's ``TapHealth`` (per temperature bucket); the calibration is a third,
+optional one. ``export/assessment.py`` turns them into verdicts through ``decision.judge``.
+
+While the upstream is unreachable the series derived from vLLM's counters are not rendered (they vanish
+instead of freezing at old values); the tap's per-bucket series and every model's thresholds still are.
+Example output::
 
     specdec_upstream_up 1.0
     specdec_acceptance_rate{model="tiny-target",window="5m"} 0.72
@@ -11,19 +16,28 @@ vanish instead of freezing at old values. Example output::
     specdec_verdict{model="tiny-target",verdict="disable"} 0.0
     specdec_spec_decode_draft_acceptance_rate{model="tiny-target"} 0.72
     specdec_engine_kv_cache_usage_ratio{engine="0",model="tiny-target"} 0.13
+    specdec_break_even_acceptance_rate{model="tiny-target"} 0.12
+    specdec_modelled_speedup{model="tiny-target"} 1.9
+    specdec_calibration_info{k="4",measured_at="2026-12-04T19:02:11Z",method="ngram",model="tiny-target",source="measure"} 1.0
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from sidecar.config import Settings, format_duration
 from sidecar.decision import VERDICTS
-from sidecar.upstream.derive import BucketHealth, Counts, GroupHealth, WindowStats
+from sidecar.export.assessment import Assessment, assess
+from sidecar.tap.windows import TapHealth
+from sidecar.upstream.derive import Counts, GroupHealth, WindowStats
 from sidecar.upstream.monitor import MonitorState
+
+if TYPE_CHECKING:
+    from sidecar.calibration import Calibration
 
 # (suffix, help, getter) for per-window values; rendered for models and, with an engine label, engines.
 WINDOWED: tuple[tuple[str, str, Callable[[WindowStats], float | None]], ...] = (
@@ -77,10 +91,18 @@ POLL_NOTE = "Derived from the sidecar's own poll of vLLM /metrics every {interva
 
 
 class HealthCollector(Collector):
-    """Yields fresh families from ``get_state()`` each time Prometheus (or a test) collects."""
+    """Yields fresh families from the sources' snapshots each time Prometheus (or a test) collects."""
 
-    def __init__(self, get_state: Callable[[], MonitorState], settings: Settings) -> None:
+    def __init__(
+        self,
+        get_state: Callable[[], MonitorState],
+        settings: Settings,
+        get_tap: Callable[[], TapHealth | None] = lambda: None,
+        get_calibration: Callable[[], Calibration | None] = lambda: None,
+    ) -> None:
         self._get_state = get_state
+        self._get_tap = get_tap
+        self._get_calibration = get_calibration
         self._settings = settings
         self._note = " " + POLL_NOTE.format(interval=format_duration(settings.scrape_interval))
 
@@ -89,17 +111,50 @@ class HealthCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         state = self._get_state()
+        tap = self._get_tap()
+        assessment = assess(state, tap, self._get_calibration(), self._settings)
         up = GaugeMetricFamily(
             "specdec_upstream_up", "1 if the last poll of vLLM /metrics succeeded, else 0."
         )
         up.add_metric([], 1.0 if state.up else 0.0)
         yield up
-        yield from self._buckets(state.buckets)
+        yield from self._buckets(tap, assessment)
+        yield from self._thresholds(assessment)
         if not state.up or state.health is None:
             return
-        yield from self._render(state)
+        yield from self._render(state, assessment)
 
-    def _buckets(self, buckets: BucketHealth | None) -> Iterator[GaugeMetricFamily]:
+    def _thresholds(self, assessment: Assessment) -> Iterator[GaugeMetricFamily]:
+        """Each model's thresholds at its current load and where they come from: the rules compare with these."""
+        s = self._settings
+        break_even = GaugeMetricFamily(
+            "specdec_break_even_acceptance_rate",
+            "Acceptance rate at which speculation breaks even for the model at its current load: the calibrated "
+            "draft cost c (calibration source measure) or --break-even (source default).",
+            labels=["model"],
+        )
+        upper = GaugeMetricFamily(
+            "specdec_near_break_even_upper_acceptance_rate",
+            f"Acceptance rate where the modelled speed-up reaches 1 + {s.band:g} (calibrated) or "
+            "--near-break-even-upper (default): at or above, verdict use.",
+            labels=["model"],
+        )
+        info = GaugeMetricFamily(
+            "specdec_calibration_info",
+            "Which thresholds the model's verdicts use: source measure (a calibration.json from `specdec-sidecar "
+            "measure`, with its method, k and time) or default (the configured thresholds). Value 1.",
+            labels=["model", "source", "method", "k", "measured_at"],
+        )
+        for model, t in sorted(assessment.thresholds.items()):
+            break_even.add_metric([model], t.break_even)
+            upper.add_metric([model], t.near_upper)
+            use = assessment.calibration[model]
+            info.add_metric([model, use.source, use.method, use.k, use.measured_at], 1.0)
+        yield break_even
+        yield upper
+        yield info
+
+    def _buckets(self, tap: TapHealth | None, assessment: Assessment) -> Iterator[GaugeMetricFamily]:
         """Acceptance and verdict per (model, temperature bucket), as judged from the tap's numbers."""
         s = self._settings
         rate = GaugeMetricFamily(
@@ -111,20 +166,32 @@ class HealthCollector(Collector):
         verdict = GaugeMetricFamily(
             "specdec_bucket_verdict",
             f"Verdict per model and temperature bucket over the {format_duration(s.verdict_window)} window "
-            "(StateSet: 1 for the current state), same thresholds as specdec_verdict.",
+            "(StateSet: 1 for the current state), judged as specdec_verdict with the model's thresholds.",
             labels=["model", "temperature_bucket", "verdict"],
         )
-        if buckets is not None:
-            for window, rates in sorted(buckets.acceptance.items()):
-                for (model, bucket), value in sorted(rates.items()):
-                    rate.add_metric([model, bucket, format_duration(window)], value)
-            for (model, bucket), current in sorted(buckets.verdicts.items()):
-                for state_name in VERDICTS:
-                    verdict.add_metric([model, bucket, state_name.value], 1.0 if state_name is current else 0.0)
+        speedup = GaugeMetricFamily(
+            "specdec_bucket_modelled_speedup",
+            f"Modelled speed-up L / (1 + c*d) per model and temperature bucket over the "
+            f"{format_duration(s.verdict_window)} window (calibrated models only): L the mean acceptance length, "
+            "d the draft tokens per verify step, c the calibrated draft cost at the current load.",
+            labels=["model", "temperature_bucket"],
+        )
+        if tap is not None:
+            for window, per_key in sorted(tap.windows.items()):
+                for (model, bucket), counts in per_key.items():
+                    value = counts.acceptance_rate(s.min_drafts)
+                    if value is not None:
+                        rate.add_metric([model, bucket, format_duration(window)], value)
+        for (model, bucket), judgement in sorted(assessment.buckets.items()):
+            for state_name in VERDICTS:
+                verdict.add_metric([model, bucket, state_name.value], 1.0 if state_name is judgement.verdict else 0.0)
+            if judgement.modelled_speedup is not None:
+                speedup.add_metric([model, bucket], judgement.modelled_speedup)
         yield rate
         yield verdict
+        yield speedup
 
-    def _render(self, state: MonitorState) -> Iterator[GaugeMetricFamily]:
+    def _render(self, state: MonitorState, assessment: Assessment) -> Iterator[GaugeMetricFamily]:
         health = state.health
         assert health is not None
         note = self._note
@@ -175,10 +242,18 @@ class HealthCollector(Collector):
         verdict = GaugeMetricFamily(
             "specdec_verdict",
             f"Speculative decoding verdict per model over the {format_duration(self._settings.verdict_window)} "
-            f"window (StateSet: 1 for the current state): use (acceptance >= "
-            f"{self._settings.near_break_even_upper}), near_break_even (>= {self._settings.break_even}), "
-            "disable (below), insufficient_data (too few drafts).",
+            "window (StateSet: 1 for the current state). Calibrated models: use (modelled speed-up >= 1 + band), "
+            "near_break_even (within the band), disable (below 1 - band); others: use (acceptance >= "
+            f"{self._settings.near_break_even_upper}), near_break_even (>= {self._settings.break_even}), disable "
+            "(below); insufficient_data (too few drafts).",
             labels=["model", "verdict"],
+        )
+        modelled = GaugeMetricFamily(
+            "specdec_modelled_speedup",
+            f"Modelled speed-up L / (1 + c*d) per model over the {format_duration(self._settings.verdict_window)} "
+            "window (calibrated models only): L the mean acceptance length, d the draft tokens per verify step, c "
+            "the calibrated draft cost at the current load (vLLM's running requests).",
+            labels=["model"],
         )
         compat = GaugeMetricFamily(
             "specdec_spec_decode_draft_acceptance_rate",
@@ -187,14 +262,16 @@ class HealthCollector(Collector):
             "vllm:spec_decode_draft_acceptance_rate gauge, which the V1 engine no longer exports.",
             labels=["model"],
         )
-        for model, current in sorted(health.verdicts.items()):
+        for model, judgement in sorted(assessment.models.items()):
             for state_name in VERDICTS:
-                verdict.add_metric([model, state_name.value], 1.0 if state_name is current else 0.0)
-            acceptance = health.verdict_acceptance.get(model)
-            if acceptance is not None:
-                compat.add_metric([model], acceptance)
+                verdict.add_metric([model, state_name.value], 1.0 if state_name is judgement.verdict else 0.0)
+            if judgement.acceptance is not None:
+                compat.add_metric([model], judgement.acceptance)
+            if judgement.modelled_speedup is not None:
+                modelled.add_metric([model], judgement.modelled_speedup)
         yield verdict
         yield compat
+        yield modelled
 
         upstream_rate = GaugeMetricFamily(
             "specdec_upstream_reported_acceptance_rate",

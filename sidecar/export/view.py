@@ -1,16 +1,37 @@
-"""The per-model and per-temperature-bucket view of a sidecar's samples, shared by ``top`` (terminal) and the
-status page (HTML): acceptance, P10/P50/P90 of per-request acceptance, mean acceptance length, TTFT and TPOT
-of streamed requests and verdicts, from the difference of two readings of the sidecar's counters and
-histogram buckets. Pure functions over parsed samples; no I/O.
+"""The per-model and per-temperature-bucket view shared by the status page (HTML) and ``top`` (terminal).
+
+Rows are built by the same functions from the same kind of input wherever they come from:
+
+* the status page runs inside the sidecar and builds its view from the sources' snapshots and the
+  assessment the collector renders (``view_from_snapshots``): no round trip through the registry;
+* ``top`` reads a remote sidecar's page, so it must go by metric name: ``build_view`` turns the difference of
+  two readings into the same ``BucketCounts`` the tap's windows produce, and reads the verdicts and
+  thresholds the sidecar exported.
+
+Either way a bucket row comes from ``bucket_row`` (acceptance through ``decision.window_acceptance``,
+quantiles through ``decision.histogram_quantile``), and buckets are ordered by ``buckets.label_order``.
+Pure functions; no I/O.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sidecar.decision import histogram_quantile
+from sidecar.buckets import label_order
+from sidecar.config import format_duration, parse_duration
+from sidecar.decision import Judgement, Verdict
+from sidecar.tap.metrics import ACCEPTANCE_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
+from sidecar.tap.windows import BucketCounts, BucketKey, quantile
 from sidecar.upstream.exposition import Sample
+
+if TYPE_CHECKING:
+    from sidecar.config import Settings
+    from sidecar.export.assessment import Assessment
+    from sidecar.tap.windows import TapHealth
+    from sidecar.upstream.monitor import MonitorState
 
 WANTED = frozenset(
     {
@@ -22,6 +43,10 @@ WANTED = frozenset(
         "specdec_requests_running",
         "specdec_verdict",
         "specdec_bucket_verdict",
+        "specdec_modelled_speedup",
+        "specdec_bucket_modelled_speedup",
+        "specdec_break_even_acceptance_rate",
+        "specdec_calibration_info",
         "specdec_requests_total",
         "specdec_request_accepted_tokens_total",
         "specdec_request_draft_tokens_total",
@@ -31,9 +56,11 @@ WANTED = frozenset(
         "specdec_request_tpot_seconds_bucket",
     }
 )
-
-
-Key = tuple[str, str]  # (model, temperature bucket)
+HISTOGRAM_EDGES = {
+    "acceptance_rate": ACCEPTANCE_BUCKETS,
+    "ttft_seconds": TTFT_BUCKETS,
+    "tpot_seconds": TPOT_BUCKETS,
+}
 
 
 @dataclass
@@ -50,7 +77,8 @@ class Row:
     ttft_p99: float | None = None
     tpot_p50: float | None = None
     tpot_p99: float | None = None
-    verdict: str = "insufficient_data"
+    verdict: str = Verdict.INSUFFICIENT_DATA.value
+    modelled_speedup: float | None = None
 
 
 @dataclass
@@ -62,7 +90,10 @@ class ModelRow:
     kv_usage: float | None = None
     running: float | None = None
     waiting: float | None = None
-    verdict: str = "insufficient_data"
+    verdict: str = Verdict.INSUFFICIENT_DATA.value
+    source: str = "default"  # which thresholds the verdict used: measure (calibrated) or default
+    break_even: float | None = None
+    modelled_speedup: float | None = None
 
 
 @dataclass
@@ -71,6 +102,73 @@ class View:
     models: list[ModelRow] = field(default_factory=list)
     buckets: list[Row] = field(default_factory=list)
     span: float = 0.0
+
+
+def bucket_row(model: str, bucket: str, counts: BucketCounts, min_drafts: float, verdict: str,
+               modelled_speedup: float | None = None) -> Row:
+    """One bucket's row from its totals over the view's window."""
+
+    def q(counts_of: tuple[float, ...], edges: tuple[float, ...], value: float) -> float | None:
+        return quantile(value, edges, counts_of) if counts_of else None
+
+    return Row(
+        model=model,
+        bucket=bucket,
+        requests=counts.requests,
+        acceptance=counts.acceptance_rate(min_drafts),
+        p10=q(counts.acceptance, ACCEPTANCE_BUCKETS, 0.1),
+        p50=q(counts.acceptance, ACCEPTANCE_BUCKETS, 0.5),
+        p90=q(counts.acceptance, ACCEPTANCE_BUCKETS, 0.9),
+        mean_length=counts.mean_acceptance_length,
+        ttft_p50=q(counts.ttft, TTFT_BUCKETS, 0.5),
+        ttft_p99=q(counts.ttft, TTFT_BUCKETS, 0.99),
+        tpot_p50=q(counts.tpot, TPOT_BUCKETS, 0.5),
+        tpot_p99=q(counts.tpot, TPOT_BUCKETS, 0.99),
+        verdict=verdict,
+        modelled_speedup=modelled_speedup,
+    )
+
+
+def _sorted_rows(rows: Mapping[BucketKey, Row]) -> list[Row]:
+    return [rows[key] for key in sorted(rows, key=lambda k: (k[0], label_order(k[1])))]
+
+
+def view_from_snapshots(
+    state: MonitorState, tap: TapHealth | None, assessment: Assessment, settings: Settings
+) -> View:
+    """The status page's view: the verdict window of both sources, judged as the collector judges them."""
+    window = settings.verdict_window
+    view = View(up=state.up, span=tap.spans.get(window, 0.0) if tap is not None else 0.0)
+    health = state.health if state.up else None
+    if health is not None:
+        for model, group in sorted(health.models.items()):
+            stats = group.windows.get(window)
+            judgement = assessment.models.get(model)
+            thresholds = assessment.thresholds.get(model)
+            view.models.append(ModelRow(
+                model=model,
+                acceptance=judgement.acceptance if judgement else None,
+                window=format_duration(window),
+                mean_length=stats.mean_acceptance_length if stats else None,
+                kv_usage=group.pressure.kv_usage,
+                running=group.pressure.running,
+                waiting=group.pressure.waiting,
+                verdict=(judgement.verdict if judgement else Verdict.INSUFFICIENT_DATA).value,
+                source=thresholds.source if thresholds else "default",
+                break_even=thresholds.break_even if thresholds else None,
+                modelled_speedup=judgement.modelled_speedup if judgement else None,
+            ))
+    counts = tap.windows.get(window, {}) if tap is not None else {}
+    rows = {}
+    for key, c in counts.items():
+        judgement: Judgement | None = assessment.buckets.get(key)
+        verdict = (judgement.verdict if judgement else Verdict.INSUFFICIENT_DATA).value
+        rows[key] = bucket_row(*key, c, settings.min_drafts, verdict, judgement.modelled_speedup if judgement else None)
+    view.buckets = _sorted_rows(rows)
+    return view
+
+
+# --- top: a remote page, read by metric name -----------------------------------------------------------------
 
 
 def _index(samples: list[Sample]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -85,18 +183,76 @@ def _delta(now: dict, base: dict) -> dict:
     return out
 
 
-def build_view(now: list[Sample], base: list[Sample] | None, span: float) -> View:
-    """Pure: the table contents from the latest scrape and an older one (``None`` = since start)."""
+def _per_edge(cumulative: Mapping[float, float], edges: tuple[float, ...]) -> tuple[float, ...]:
+    """Prometheus' cumulative ``le`` counts as per-edge counts aligned with *edges* (+Inf last)."""
+    out, previous = [], 0.0
+    for le in (*edges, float("inf")):
+        value = cumulative.get(le, previous)
+        out.append(max(0.0, value - previous))
+        previous = max(previous, value)
+    return tuple(out)
+
+
+def counts_from_samples(counters: Mapping[tuple[str, tuple[tuple[str, str], ...]], float]) -> dict[BucketKey, BucketCounts]:
+    """The tap's per-bucket totals read back from its exported counters and histograms (stream="true" only
+    for TTFT/TPOT, as the recording rules)."""
+    sums: dict[BucketKey, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    hist: dict[tuple[BucketKey, str], dict[float, float]] = defaultdict(lambda: defaultdict(float))
+    for (name, labels), value in counters.items():
+        lab = dict(labels)
+        if "temperature_bucket" not in lab or "model" not in lab:
+            continue
+        key = (lab["model"], lab["temperature_bucket"])
+        vllm = lab.get("source") == "vllm"
+        if name == "specdec_requests_total":
+            sums[key]["requests"] += value
+        elif name == "specdec_request_accepted_tokens_total":
+            sums[key]["accepted_all"] += value
+            if vllm:
+                sums[key]["accepted"] += value
+        elif name == "specdec_request_draft_tokens_total" and vllm:
+            sums[key]["drafted"] += value
+        elif name == "specdec_request_spec_steps_total":
+            sums[key]["steps_all"] += value
+            if vllm:
+                sums[key]["steps"] += value
+        elif name.endswith("_bucket") and lab.get("stream", "true") == "true":
+            kind = name.removeprefix("specdec_request_").removesuffix("_bucket")
+            if kind in HISTOGRAM_EDGES:
+                hist[(key, kind)][float(lab["le"])] += value
+    out = {}
+    for key in set(sums) | {k for k, _ in hist}:
+        s = sums.get(key, {})
+        per_kind = {kind: _per_edge(hist[(key, kind)], edges) if (key, kind) in hist else ()
+                    for kind, edges in HISTOGRAM_EDGES.items()}
+        out[key] = BucketCounts(
+            s.get("requests", 0.0), s.get("accepted", 0.0), s.get("drafted", 0.0), s.get("steps", 0.0),
+            s.get("accepted_all", 0.0), s.get("steps_all", 0.0),
+            per_kind["acceptance_rate"], per_kind["ttft_seconds"], per_kind["tpot_seconds"],
+        )  # fmt: skip
+    return out
+
+
+def build_view(now: list[Sample], base: list[Sample] | None, span: float, min_drafts: float = 1) -> View:
+    """``top``'s view from the latest reading of a sidecar's page and an older one (``None`` = since start).
+
+    The verdicts, thresholds and modelled speed-ups are the sidecar's own (its exported series); the bucket
+    rows' numbers are the difference of the two readings, built by ``bucket_row``.
+    """
     current = _index(now)
     counters = _delta(current, _index(base)) if base is not None else current
     view = View(up=current.get(("specdec_upstream_up", ()), 0.0) == 1.0, span=span)
 
     models: dict[str, ModelRow] = {}
     smallest_window: dict[str, float] = {}
+    lengths: dict[tuple[str, str], float] = {}
     for (name, labels), value in current.items():
         lab = dict(labels)
         model = lab.get("model")
-        if model is None:
+        if model is None or "temperature_bucket" in lab:
+            continue
+        if name == "specdec_mean_acceptance_length":
+            lengths[(model, lab.get("window", ""))] = value
             continue
         row = models.setdefault(model, ModelRow(model))
         if name == "specdec_acceptance_rate":
@@ -112,70 +268,35 @@ def build_view(now: list[Sample], base: list[Sample] | None, span: float) -> Vie
             row.running = value
         elif name == "specdec_verdict" and value == 1.0:
             row.verdict = lab["verdict"]
-    for (name, labels), value in current.items():
-        lab = dict(labels)
-        if name == "specdec_mean_acceptance_length" and lab.get("window") == models.get(lab["model"], ModelRow("")).window:
-            models[lab["model"]].mean_length = value
+        elif name == "specdec_calibration_info":
+            row.source = lab.get("source", "default")
+        elif name == "specdec_break_even_acceptance_rate":
+            row.break_even = value
+        elif name == "specdec_modelled_speedup":
+            row.modelled_speedup = value
+    for row in models.values():
+        row.mean_length = lengths.get((row.model, row.window))
     view.models = [models[m] for m in sorted(models)]
 
-    totals: dict[Key, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    hist: dict[tuple[Key, str], dict[float, float]] = defaultdict(lambda: defaultdict(float))
-    verdicts: dict[Key, str] = {}
-    for (name, labels), value in counters.items():
-        lab = dict(labels)
-        if "temperature_bucket" not in lab:
-            continue
-        key = (lab["model"], lab["temperature_bucket"])
-        if name == "specdec_requests_total":
-            totals[key]["requests"] += value
-        elif name == "specdec_request_accepted_tokens_total":
-            totals[key]["accepted_all"] += value
-            if lab.get("source") == "vllm":
-                totals[key]["accepted"] += value
-        elif name == "specdec_request_draft_tokens_total":
-            totals[key]["drafted"] += value
-        elif name == "specdec_request_spec_steps_total":
-            totals[key]["steps"] += value
-        elif name.endswith("_bucket"):
-            if lab.get("stream", "true") != "true":
-                continue  # TTFT/TPOT of streamed requests only, as the recording rules: a body is not a token
-            kind = name.removeprefix("specdec_request_").removesuffix("_bucket")
-            hist[(key, kind)][float(lab["le"])] += value
+    verdicts: dict[BucketKey, str] = {}
+    speedups: dict[BucketKey, float] = {}
     for (name, labels), value in current.items():
+        lab = dict(labels)
         if name == "specdec_bucket_verdict" and value == 1.0:
-            lab = dict(labels)
             verdicts[(lab["model"], lab["temperature_bucket"])] = lab["verdict"]
-
-    for key in sorted(set(totals) | set(verdicts), key=_bucket_order):
-        t = totals.get(key, {})
-        row = Row(model=key[0], bucket=key[1], requests=t.get("requests", 0.0), verdict=verdicts.get(key, "insufficient_data"))
-        if t.get("drafted"):
-            row.acceptance = t["accepted"] / t["drafted"]
-        if t.get("steps"):
-            row.mean_length = 1.0 + t["accepted_all"] / t["steps"]
-
-        def q(kind: str, quantile: float) -> float | None:
-            buckets = hist.get((key, kind))
-            return histogram_quantile(quantile, list(buckets.items())) if buckets else None
-
-        row.p10, row.p50, row.p90 = (q("acceptance_rate", x) for x in (0.1, 0.5, 0.9))
-        row.ttft_p50, row.ttft_p99 = q("ttft_seconds", 0.5), q("ttft_seconds", 0.99)
-        row.tpot_p50, row.tpot_p99 = q("tpot_seconds", 0.5), q("tpot_seconds", 0.99)
-        view.buckets.append(row)
+        elif name == "specdec_bucket_modelled_speedup":
+            speedups[(lab["model"], lab["temperature_bucket"])] = value
+    counts = counts_from_samples(counters)
+    rows = {
+        key: bucket_row(*key, counts.get(key, BucketCounts()), min_drafts,
+                        verdicts.get(key, Verdict.INSUFFICIENT_DATA.value), speedups.get(key))
+        for key in set(counts) | set(verdicts)
+    }
+    view.buckets = _sorted_rows(rows)
     return view
 
 
-BUCKET_ORDER = ["0", "0-0.3", "0.3-0.5", "0.5-0.7", "0.7-1.0", "gt1.0", "default", "invalid"]
-
-
-def _bucket_order(key: Key) -> tuple[str, int, str]:
-    model, bucket = key
-    return (model, BUCKET_ORDER.index(bucket) if bucket in BUCKET_ORDER else len(BUCKET_ORDER), bucket)
-
-
 def _window_seconds(label: str) -> float:
-    from sidecar.config import parse_duration
-
     try:
         return parse_duration(label)
     except ValueError:
@@ -192,3 +313,7 @@ def millis(value: float | None) -> str:
 
 def number(value: float | None, fmt: str = "{:.2f}") -> str:
     return "—" if value is None else fmt.format(value)
+
+
+def speedup(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"

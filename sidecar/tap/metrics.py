@@ -23,23 +23,22 @@ Example output::
     specdec_request_e2e_seconds_count{model="tiny-target",stream="false"} 7.0
     specdec_request_mean_acceptance_length_sum{model="tiny-target",source="vllm"} 13.4
 
-The per-bucket verdict needs windows: at every poll tick the monitor calls ``checkpoint()``, which keeps a
-bounded history of the cumulative per-bucket totals, and ``bucket_deltas()`` differences them.
+The per-bucket verdict and the status page need windows: ``totals()`` returns the cumulative per-(model,
+bucket) totals (and histogram counts per edge) that ``tap/windows.py`` checkpoints on the tap's own clock.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterable
-from dataclasses import dataclass
+from bisect import bisect_left
+from collections.abc import Mapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from sidecar.buckets import UNREAD, TemperatureBuckets
 from sidecar.model_names import OTHER_MODEL, UNKNOWN_MODEL, ModelNames  # noqa: F401 (re-exported)
-from sidecar.upstream.derive import base_point, trim_history
 from sidecar.tap.observe import Outcome, RequestInfo
+from sidecar.tap.windows import BucketCounts, BucketKey
 
 UNREAD_BUCKET = UNREAD
 UNATTRIBUTED_REASONS = (
@@ -69,28 +68,32 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
 
 
-@dataclass(frozen=True, slots=True)
-class BucketTotals:
-    accepted: float
-    drafted: float
-    steps: float
+class _Running:
+    """Mutable cumulative totals of one (model, bucket); ``RequestMetrics.totals()`` freezes them."""
 
+    __slots__ = ("requests", "accepted", "drafted", "steps", "accepted_all", "steps_all", "acceptance", "ttft",
+                 "tpot")
 
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """Cumulative per-(model, bucket) totals at one poll tick."""
+    def __init__(self) -> None:
+        self.requests = 0.0
+        self.accepted = 0.0
+        self.drafted = 0.0
+        self.steps = 0.0
+        self.accepted_all = 0.0
+        self.steps_all = 0.0
+        self.acceptance = [0.0] * (len(ACCEPTANCE_BUCKETS) + 1)
+        self.ttft = [0.0] * (len(TTFT_BUCKETS) + 1)
+        self.tpot = [0.0] * (len(TPOT_BUCKETS) + 1)
 
-    t: float
-    totals: dict[tuple[str, str], BucketTotals]
+    def frozen(self) -> BucketCounts:
+        return BucketCounts(self.requests, self.accepted, self.drafted, self.steps, self.accepted_all,
+                            self.steps_all, tuple(self.acceptance), tuple(self.ttft), tuple(self.tpot))
 
 
 class RequestMetrics:
-    def __init__(
-        self, registry: CollectorRegistry, buckets: TemperatureBuckets, models: ModelNames, history: float
-    ) -> None:
+    def __init__(self, registry: CollectorRegistry, buckets: TemperatureBuckets, models: ModelNames) -> None:
         self.buckets = buckets
         self.models = models
-        self._history_seconds = history
         labels = ["model", "temperature_bucket"]
         self.requests = Counter(
             "specdec_requests", "Requests seen by the tap, by outcome status class.",
@@ -154,11 +157,10 @@ class RequestMetrics:
         )  # fmt: skip
         for reason in UNATTRIBUTED_REASONS:
             self.unattributed.labels(reason)
-        self._totals: dict[tuple[str, str], list[float]] = {}
+        self._totals: dict[BucketKey, _Running] = {}
         # Each metric's child per label values, looked up once: prometheus_client's labels() validates and
         # locks on every call. Bounded as the label sets are (models, buckets, fixed words).
         self._children: dict[tuple, Any] = {}
-        self._checkpoints: deque[Checkpoint] = deque()
 
     def request_done(self, info: RequestInfo | None, outcome: Outcome, started: float, ended: float) -> None:
         if info is None:
@@ -167,6 +169,8 @@ class RequestMetrics:
         read = info.parse_error is None
         bucket = self.buckets.bucket(info.temperature, info.temperature_present) if read else UNREAD_BUCKET
         self._child(self.requests, model, bucket, status_class(outcome.status)).inc()
+        running = self._running(model, bucket)
+        running.requests += 1
         reason = info.parse_error or outcome.unattributed
         if reason is None and outcome.status >= 400:
             reason = "error_status"
@@ -174,7 +178,7 @@ class RequestMetrics:
             reason = "n_not_1"
         # An unread request's stream mode is unknown too: counted, but kept out of the latency histograms.
         if read and outcome.status < 400 and outcome.finished:
-            self._latency(model, bucket, info.stream, outcome, started, ended)
+            self._latency(model, bucket, info.stream, outcome, started, ended, running)
         if reason is not None or outcome.spec is None:
             self._child(self.unattributed, reason or "no_spec_metrics").inc()
             return
@@ -183,17 +187,21 @@ class RequestMetrics:
         self._child(self.steps, model, bucket, spec.source).inc(spec.steps)
         if spec.drafted is not None:
             self._child(self.drafted, model, bucket, spec.source).inc(spec.drafted)
+        running.accepted_all += spec.accepted
+        running.steps_all += spec.steps
         if spec.source == "vllm":
-            totals = self._totals.setdefault((model, bucket), [0.0, 0.0, 0.0])
-            totals[0] += spec.accepted
-            totals[1] += spec.drafted or 0
-            totals[2] += spec.steps
+            running.accepted += spec.accepted
+            running.drafted += spec.drafted or 0
+            running.steps += spec.steps
             if (rate := spec.acceptance_rate) is not None:
                 self._child(self.acceptance, model, bucket).observe(rate)
+                running.acceptance[bisect_left(ACCEPTANCE_BUCKETS, rate)] += 1
         if (length := spec.mean_acceptance_length) is not None:
             self._child(self.length, model, spec.source).observe(length)
 
-    def _latency(self, model: str, bucket: str, stream: bool, outcome: Outcome, started: float, ended: float) -> None:
+    def _latency(
+        self, model: str, bucket: str, stream: bool, outcome: Outcome, started: float, ended: float, running: _Running
+    ) -> None:
         self._child(self.e2e, model, "true" if stream else "false").observe(max(0.0, ended - started))
         tokens = outcome.completion_tokens
         if tokens is not None:
@@ -202,10 +210,13 @@ class RequestMetrics:
         # end-to-end time (already above) and e2e / tokens mixes prefill into a per-token figure.
         if not stream or outcome.first_token_at is None:
             return
-        self._child(self.ttft, model, bucket, "true").observe(max(0.0, outcome.first_token_at - started))
+        ttft = max(0.0, outcome.first_token_at - started)
+        self._child(self.ttft, model, bucket, "true").observe(ttft)
+        running.ttft[bisect_left(TTFT_BUCKETS, ttft)] += 1
         if tokens and tokens > 1 and outcome.last_token_at is not None:
-            tpot = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
-            self._child(self.tpot, model, bucket, "true").observe(max(0.0, tpot))
+            tpot = max(0.0, (outcome.last_token_at - outcome.first_token_at) / (tokens - 1))
+            self._child(self.tpot, model, bucket, "true").observe(tpot)
+            running.tpot[bisect_left(TPOT_BUCKETS, tpot)] += 1
 
     def _child(self, metric: Any, *values: str) -> Any:
         key = (metric, *values)
@@ -214,24 +225,12 @@ class RequestMetrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    # --- windows for the per-bucket verdict --------------------------------------------------------------
+    def _running(self, model: str, bucket: str) -> _Running:
+        running = self._totals.get((model, bucket))
+        if running is None:
+            running = self._totals[(model, bucket)] = _Running()
+        return running
 
-    def checkpoint(self, t: float) -> None:
-        snapshot = {key: BucketTotals(*values) for key, values in self._totals.items()}
-        self._checkpoints.append(Checkpoint(t, snapshot))
-        trim_history(self._checkpoints, t, self._history_seconds)
-
-    def bucket_deltas(self, window: float, tolerance: float) -> dict[tuple[str, str], BucketTotals]:
-        """Per (model, bucket) totals accumulated over the window (source vllm only)."""
-        base = base_point(self._checkpoints, window, tolerance)
-        if base is None:
-            return {}
-        zero = BucketTotals(0.0, 0.0, 0.0)
-        return {
-            key: BucketTotals(
-                now.accepted - base.totals.get(key, zero).accepted,
-                now.drafted - base.totals.get(key, zero).drafted,
-                now.steps - base.totals.get(key, zero).steps,
-            )
-            for key, now in self._checkpoints[-1].totals.items()
-        }
+    def totals(self) -> Mapping[BucketKey, BucketCounts]:
+        """Cumulative totals per (model, bucket) since start, frozen: what ``tap/windows.py`` checkpoints."""
+        return {key: running.frozen() for key, running in self._totals.items()}

@@ -12,13 +12,12 @@ every engine ever seen, so an engine that disappears never makes a model's total
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, TypeVar
 
-from sidecar.decision import Verdict, clamped_ratio, decide, enough_drafts, window_acceptance
+from sidecar.decision import clamped_ratio, enough_drafts, window_acceptance
+from sidecar.windows import base_point, trim_history  # noqa: F401 (the poll loop trims with it)
 from sidecar.upstream.vllm_metrics import COUNTERS, EngineSample, SeriesKey, VllmSnapshot
 
 COUNTER_FIELDS: tuple[str, ...] = tuple(COUNTERS.values())
@@ -152,38 +151,6 @@ def advance(previous: Point | None, t: float, snapshot: VllmSnapshot) -> Point:
     return Point(t, snapshot, MappingProxyType(engines), resets)
 
 
-class Timed(Protocol):
-    t: float
-
-
-T = TypeVar("T", bound=Timed)
-
-
-def base_point(points: Sequence[T], window: float, tolerance: float) -> T | None:
-    """The newest point at least *window* seconds (less *tolerance*) before the last one.
-
-    While the history is shorter than the window the oldest point is used (a partial window; its real
-    span is exported). ``None`` when there are fewer than two points. Any history of items with ``.t``.
-    """
-    if len(points) < 2:
-        return None
-    target = points[-1].t - window + tolerance
-    chosen = points[0]
-    for i in range(len(points) - 1):
-        point = points[i]
-        if point.t <= target:
-            chosen = point
-        else:
-            break
-    return chosen
-
-
-def trim_history(points: deque[T], now: float, keep: float) -> None:
-    """Drop points no window of length *keep* can start from, keeping the newest one at least that old."""
-    while len(points) > 2 and points[1].t <= now - keep:
-        points.popleft()
-
-
 @dataclass(frozen=True, slots=True)
 class WindowStats:
     """Deltas and rates over one window, for one engine or one model (summed over engines)."""
@@ -313,8 +280,6 @@ class Health:
 
     models: Mapping[str, GroupHealth]
     engines: Mapping[SeriesKey, GroupHealth]
-    verdicts: Mapping[str, Verdict]
-    verdict_acceptance: Mapping[str, float | None]
     spans: Mapping[float, float]
     totals: Mapping[str, Counts] = field(default_factory=lambda: MappingProxyType({}))
 
@@ -344,9 +309,6 @@ def derive(
     windows: Sequence[float],
     *,
     min_drafts: int,
-    verdict_window: float,
-    break_even: float,
-    near_upper: float,
     tolerance: float = 0.0,
 ) -> Health | None:
     """Health over each window from the history ``points`` (oldest first). ``None`` without history."""
@@ -379,8 +341,6 @@ def derive(
         )
 
     model_health: dict[str, GroupHealth] = {}
-    verdicts: dict[str, Verdict] = {}
-    verdict_acceptance: dict[str, float | None] = {}
     for model in last.snapshot.models:
         samples = [s for (m, _), s in last.snapshot.engines.items() if m == model]
         stats = {}
@@ -399,10 +359,6 @@ def derive(
             v0_acceptance_rate=sum(v0_rates) / len(v0_rates) if v0_rates else None,
             v0_efficiency=sum(v0_eff) / len(v0_eff) if v0_eff else None,
         )
-        chosen = stats.get(verdict_window)
-        acceptance = chosen.acceptance_rate if chosen is not None else None
-        verdict_acceptance[model] = acceptance
-        verdicts[model] = decide(acceptance, break_even, near_upper)
 
     totals: dict[str, Counts] = {}
     for (model, _), engine in last.engines.items():
@@ -413,50 +369,5 @@ def derive(
         totals=MappingProxyType(totals),
         models=MappingProxyType(model_health),
         engines=MappingProxyType(engine_health),
-        verdicts=MappingProxyType(verdicts),
-        verdict_acceptance=MappingProxyType(verdict_acceptance),
         spans=MappingProxyType(spans),
-    )
-
-
-class BucketTotalsLike(Protocol):
-    accepted: float
-    drafted: float
-    steps: float
-
-
-BucketKey = tuple[str, str]  # (model, temperature bucket)
-
-
-@dataclass(frozen=True, slots=True)
-class BucketHealth:
-    """Acceptance per (model, temperature bucket) and window, and the verdict per (model, bucket) over the
-    verdict window, from the tap's per-request totals (source ``vllm``)."""
-
-    acceptance: Mapping[float, Mapping[BucketKey, float]]
-    verdicts: Mapping[BucketKey, Verdict]
-
-
-def derive_buckets(
-    deltas: Mapping[float, Mapping[BucketKey, BucketTotalsLike]],
-    *,
-    min_drafts: int,
-    verdict_window: float,
-    break_even: float,
-    near_upper: float,
-) -> BucketHealth:
-    """*deltas*: per window, the per-(model, bucket) totals accumulated over it. Same gate and thresholds as
-    the per-model verdict (``decision.window_acceptance`` and ``decision.decide``)."""
-    acceptance: dict[float, dict[BucketKey, float]] = {}
-    verdicts: dict[BucketKey, Verdict] = {}
-    for window, per_key in deltas.items():
-        rates = acceptance.setdefault(window, {})
-        for key, totals in sorted(per_key.items()):
-            value = window_acceptance(totals.accepted, totals.drafted, totals.steps, min_drafts)
-            if value is not None:
-                rates[key] = value
-            if window == verdict_window:
-                verdicts[key] = decide(value, break_even, near_upper)
-    return BucketHealth(
-        MappingProxyType({w: MappingProxyType(r) for w, r in acceptance.items()}), MappingProxyType(verdicts)
     )

@@ -11,15 +11,14 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import replace
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.config import Settings
-from sidecar.upstream.derive import BucketHealth, BucketKey, BucketTotalsLike, Health, Point, advance, derive, \
-    derive_buckets, trim_history
+from sidecar.upstream.derive import Health, Point, advance, derive, trim_history
 from sidecar.upstream.scrape import ScrapeError, ScrapeResult, Scraper
 
 log = structlog.get_logger("sidecar.upstream.monitor")
@@ -32,7 +31,9 @@ class MonitorState:
     up: bool = False
     health: Health | None = None
     scrapes: int = 0
-    buckets: BucketHealth | None = None  # from the tap; kept whether or not the upstream is up
+    # Running requests per model at the last successful poll, kept while vLLM is unreachable: the load the
+    # calibrated break-even is read at (the tap's verdicts go on without vLLM's /metrics).
+    load: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 class OwnMetrics:
@@ -61,8 +62,8 @@ class OwnMetrics:
             "Lines of wanted vLLM series that did not parse and were skipped.",
             registry=registry,
         )
-        self.resets = Counter(
-            "specdec_upstream_counter_resets",
+        self.restarts = Counter(
+            "specdec_upstream_restarts",
             "vLLM engines seen restarting (a counter went down); windows count across the reset.",
             registry=registry,
         )
@@ -80,8 +81,6 @@ class Monitor:
         scraper: Scraper,
         registry: CollectorRegistry,
         clock: Callable[[], float] = time.monotonic,
-        on_tick: Callable[[float], None] | None = None,
-        bucket_deltas: Callable[[float, float], Mapping[BucketKey, BucketTotalsLike]] | None = None,
         on_models: Callable[[list[str]], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -92,8 +91,6 @@ class Monitor:
         self.metrics = OwnMetrics(registry)
         self.state = MonitorState()
         self._last_error: ScrapeError | None = None
-        self._on_tick = on_tick
-        self._bucket_deltas = bucket_deltas
         self._on_models = on_models
 
     def record(self, result: ScrapeResult, t: float) -> None:
@@ -111,9 +108,7 @@ class Monitor:
                     detail=result.detail,
                 )
             self._last_error = result.error
-            self.state = MonitorState(
-                up=False, health=None, scrapes=self.state.scrapes + 1, buckets=self.state.buckets
-            )
+            self.state = MonitorState(up=False, health=None, scrapes=self.state.scrapes + 1, load=self.state.load)
             return
 
         assert result.snapshot is not None
@@ -129,7 +124,7 @@ class Monitor:
             self._on_models(result.snapshot.models)
         point = advance(self._points[-1] if self._points else None, t, result.snapshot)
         if point.resets:
-            self.metrics.resets.inc(point.resets)
+            self.metrics.restarts.inc(point.resets)
             log.info("upstream_counters_reset", engines=point.resets)
         self.metrics.invalid_lines.inc(result.snapshot.invalid_lines)
         self.metrics.last_success.set(time.time())
@@ -140,34 +135,18 @@ class Monitor:
             self._points,
             s.windows,
             min_drafts=s.min_drafts,
-            verdict_window=s.verdict_window,
-            break_even=s.break_even,
-            near_upper=s.near_break_even_upper,
             tolerance=s.scrape_interval / 2,
         )
-        self.state = MonitorState(up=True, health=health, scrapes=self.state.scrapes + 1, buckets=self.state.buckets)
+        load = dict(self.state.load)
+        if health is not None:
+            load.update({m: g.pressure.running for m, g in health.models.items() if g.pressure.running is not None})
+        self.state = MonitorState(
+            up=True, health=health, scrapes=self.state.scrapes + 1, load=MappingProxyType(load)
+        )
 
     async def poll_once(self) -> None:
         result = await self._scraper.scrape()
-        now = self._clock()
-        self.record(result, now)
-        if self._on_tick is not None:
-            self._on_tick(now)
-        if self._bucket_deltas is not None:
-            self.state = replace(self.state, buckets=self.judge_buckets())
-
-    def judge_buckets(self) -> BucketHealth:
-        """Per-bucket acceptance and verdicts over every window, from the tap's checkpoints."""
-        assert self._bucket_deltas is not None
-        s = self.settings
-        tolerance = s.scrape_interval / 2
-        return derive_buckets(
-            {w: self._bucket_deltas(w, tolerance) for w in s.windows},
-            min_drafts=s.min_drafts,
-            verdict_window=s.verdict_window,
-            break_even=s.break_even,
-            near_upper=s.near_break_even_upper,
-        )
+        self.record(result, self._clock())
 
     async def run(self) -> None:
         """Poll forever on a fixed schedule (no drift; a slow scrape skips missed ticks)."""

@@ -6,7 +6,10 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from sidecar.config import build_settings
+from sidecar.export.assessment import assess
 from sidecar.upstream.derive import advance, base_point, derive
+from sidecar.upstream.monitor import MonitorState
 from sidecar.decision import Verdict, decide
 from sidecar.upstream.vllm_metrics import EngineSample, VllmSnapshot
 
@@ -30,9 +33,15 @@ def history(*snapshots, step=5.0):
     return points
 
 
+def verdict_of(health, model="m", min_drafts=1, window=10.0):
+    """The model's verdict as the sidecar judges it: the assessment over the upstream snapshot."""
+    settings = build_settings(windows=[window], verdict_window=window, scrape_interval=1, min_drafts=min_drafts)
+    return assess(MonitorState(up=True, health=health), None, None, settings).models[model].verdict
+
+
 def run(points, windows=(10.0,), min_drafts=1, **kw):
     return derive(
-        points, windows, min_drafts=min_drafts, verdict_window=windows[0], break_even=0.5, near_upper=0.65, **kw
+        points, windows, min_drafts=min_drafts, **kw
     )
 
 
@@ -60,7 +69,7 @@ def test_vllm_definitions_over_a_window():
     assert w.draft_tokens_per_second == pytest.approx(40.0)
     assert w.accepted_tokens_per_second == pytest.approx(18.0)
     assert w.wasted_draft_tokens_per_second == pytest.approx(22.0)
-    assert health.verdicts["m"] is Verdict.DISABLE
+    assert verdict_of(health) is Verdict.DISABLE
 
 
 def test_model_sums_engines_token_weighted_not_average_of_ratios():
@@ -102,13 +111,13 @@ def test_too_few_drafts_gives_absent_acceptance_and_insufficient_data():
     w = health.models["m"].windows[5.0]
     assert w.acceptance_rate is None and w.mean_acceptance_length is None and not w.position_acceptance
     assert w.draft_tokens_per_second == 4.0  # throughput is still known
-    assert health.verdicts["m"] is Verdict.INSUFFICIENT_DATA
+    assert verdict_of(health, min_drafts=10, window=5.0) is Verdict.INSUFFICIENT_DATA
 
 
 def test_single_point_has_no_windows():
     health = run(history(snap(**{"m/0": c(5, 20, 20, 30)})))
     assert health.models["m"].windows == {}
-    assert health.verdicts["m"] is Verdict.INSUFFICIENT_DATA
+    assert verdict_of(health) is Verdict.INSUFFICIENT_DATA
 
 
 def test_partial_window_uses_oldest_point_and_reports_its_span():
@@ -259,7 +268,7 @@ def test_counter_missing_from_one_poll_keeps_acceptance_and_verdict():
     health = run(points, windows=(10.0,))
     w = health.models["m"].windows[10.0]
     assert w.acceptance_rate == pytest.approx(300 / 400)
-    assert health.verdicts["m"] is Verdict.USE
+    assert verdict_of(health) is Verdict.USE
     # The re-exported total is what vLLM really counted since the first poll.
     assert health.totals["m"].named["accepted_tokens"] == 300
     # The poll that lacked a counter is held back whole: no ratio mixes a fresh count with a stale one.

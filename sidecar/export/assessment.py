@@ -1,0 +1,103 @@
+"""Verdicts from the sources' snapshots: the one place where vLLM's load, the tap's windows and the calibration
+meet. Pure: snapshots in, an immutable ``Assessment`` out; the collector, the status page and ``top``'s
+view all call ``assess`` (or read what it produced), and every verdict goes through ``decision.judge``.
+
+Per model the thresholds are the calibration's at the model's current load (vLLM's running requests,
+interpolated between the calibrated levels, clamped at the ends) when the calibration names the model, and
+the configured ``--break-even`` / ``--near-break-even-upper`` otherwise (``source="default"``). While vLLM is
+unreachable the load last seen is used, so the tap's verdicts keep their thresholds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+from sidecar.decision import Judgement, Thresholds, calibrated_thresholds, default_thresholds, judge
+from sidecar.tap.windows import BucketCounts, BucketKey, TapHealth
+from sidecar.upstream.derive import WindowStats
+
+if TYPE_CHECKING:
+    from sidecar.calibration import Calibration, ModelCalibration
+    from sidecar.config import Settings
+    from sidecar.upstream.monitor import MonitorState
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationUse:
+    """Which calibration a model's verdicts use (``specdec_calibration_info``)."""
+
+    source: str
+    method: str = ""
+    k: str = ""
+    measured_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    models: Mapping[str, Judgement] = field(default_factory=lambda: MappingProxyType({}))
+    buckets: Mapping[BucketKey, Judgement] = field(default_factory=lambda: MappingProxyType({}))
+    thresholds: Mapping[str, Thresholds] = field(default_factory=lambda: MappingProxyType({}))
+    calibration: Mapping[str, CalibrationUse] = field(default_factory=lambda: MappingProxyType({}))
+    load: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def _model_counts(stats: WindowStats | None, k: int | None) -> tuple[float | None, float | None, float | None]:
+    """(accepted, drafted, verify steps) of a model's window. V0 engines count no draft steps: with a known k
+    every step drafted k tokens; without one the draft tokens stand in (the acceptance gate does the same)."""
+    if stats is None:
+        return None, None, None
+    steps = stats.drafts
+    if steps is None and stats.draft_tokens is not None:
+        steps = stats.draft_tokens / k if k else stats.draft_tokens
+    return stats.accepted_tokens, stats.draft_tokens, steps
+
+
+def model_thresholds(
+    calibration: ModelCalibration | None, load: float | None, drafts_per_step: float | None, settings: Settings
+) -> Thresholds:
+    """The thresholds a model is judged by at *load* (see the module docstring)."""
+    if calibration is None:
+        return default_thresholds(settings.break_even, settings.near_break_even_upper, settings.band)
+    d = drafts_per_step if drafts_per_step else float(calibration.k)
+    return calibrated_thresholds(calibration.draft_cost_at(load or 0.0), d, settings.band)
+
+
+def assess(
+    upstream: MonitorState, tap: TapHealth | None, calibration: Calibration | None, settings: Settings
+) -> Assessment:
+    window = settings.verdict_window
+    health = upstream.health if upstream.up else None
+    model_stats: dict[str, WindowStats | None] = {}
+    if health is not None:
+        model_stats = {m: g.windows.get(window) for m, g in health.models.items()}
+    bucket_counts: Mapping[BucketKey, BucketCounts] = tap.windows.get(window, {}) if tap is not None else {}
+    names = sorted(set(model_stats) | {m for m, _ in bucket_counts})
+
+    judgements: dict[str, Judgement] = {}
+    thresholds: dict[str, Thresholds] = {}
+    uses: dict[str, CalibrationUse] = {}
+    loads: dict[str, float] = {}
+    for model in names:
+        cal = calibration.models.get(model) if calibration is not None else None
+        load = upstream.load.get(model)
+        if load is not None:
+            loads[model] = load
+        accepted, drafted, steps = _model_counts(model_stats.get(model), cal.k if cal else None)
+        per_step = drafted / steps if drafted and steps else None
+        thresholds[model] = t = model_thresholds(cal, load, per_step, settings)
+        if model in model_stats:
+            judgements[model] = judge(accepted, drafted, steps, settings.min_drafts, t)
+        uses[model] = (
+            CalibrationUse("measure", cal.method, str(cal.k), cal.measured_at) if cal else CalibrationUse("default")
+        )
+    buckets = {
+        key: judge(c.accepted, c.drafted, c.steps, settings.min_drafts, thresholds[key[0]])
+        for key, c in bucket_counts.items()
+    }
+    return Assessment(
+        MappingProxyType(judgements), MappingProxyType(buckets), MappingProxyType(thresholds),
+        MappingProxyType(uses), MappingProxyType(loads),
+    )  # fmt: skip

@@ -1,0 +1,143 @@
+"""The one verdict: thresholds from a calibration at the current load, or the configured defaults."""
+
+import math
+from types import MappingProxyType
+
+import pytest
+
+from sidecar.calibration import Calibration, Level, ModelCalibration
+from sidecar.config import build_settings
+from sidecar.decision import (
+    Verdict,
+    calibrated_thresholds,
+    default_thresholds,
+    judge,
+    modelled_speedup,
+    speculative_speedup,
+)
+from sidecar.export.assessment import assess
+from sidecar.tap.windows import BucketCounts, TapHealth
+from sidecar.upstream.derive import GroupHealth, Health, Pressure, WindowStats
+from sidecar.upstream.monitor import MonitorState
+
+WINDOW = 60.0
+
+
+def settings(**kw):
+    return build_settings(windows=[WINDOW], verdict_window=WINDOW, scrape_interval=5, min_drafts=10, **kw)
+
+
+def level(concurrency, cost, best_k=2):
+    return Level(concurrency, cost, max(0.0, cost - 0.01), cost + 0.01, min(1.0, cost), best_k)
+
+
+def calibration(model="m", levels=(level(1, 0.12),), k=4):
+    return Calibration({model: ModelCalibration(model, "ngram", k, tuple(levels), "0.32.0", "2026-12-04T19:00:00Z")})
+
+
+def stats(accepted, drafted, steps):
+    return WindowStats(window=WINDOW, span=WINDOW, drafts=steps, draft_tokens=drafted, accepted_tokens=accepted,
+                       generation_tokens=None, preemptions=None, enough_drafts=True,
+                       acceptance_rate=accepted / drafted)
+
+
+def upstream(model="m", accepted=35.0, drafted=100.0, steps=25.0, running=1.0):
+    group = GroupHealth(MappingProxyType({WINDOW: stats(accepted, drafted, steps)}),
+                        Pressure(0.1, running, 0.0, None, None))
+    health = Health(MappingProxyType({model: group}), MappingProxyType({}), MappingProxyType({WINDOW: WINDOW}))
+    return MonitorState(up=True, health=health, scrapes=3, load=MappingProxyType({model: running}))
+
+
+def test_uncalibrated_model_keeps_the_rule_of_thumb():
+    result = assess(upstream(accepted=35), None, None, settings())
+    assert result.models["m"].verdict is Verdict.DISABLE
+    assert result.thresholds["m"].source == "default"
+    assert (result.thresholds["m"].break_even, result.thresholds["m"].near_upper) == (0.5, 0.65)
+    assert result.models["m"].modelled_speedup is None
+    assert result.calibration["m"].source == "default"
+
+
+def test_acceptance_0_35_is_healthy_when_break_even_is_0_12():
+    result = assess(upstream(accepted=35), None, calibration(levels=(level(1, 0.12),)), settings())
+    judgement = result.models["m"]
+    assert judgement.verdict is Verdict.USE
+    assert result.thresholds["m"].break_even == pytest.approx(0.12)
+    # k = 4 drafts every step: (1 + 4*0.35) / (1 + 4*0.12)
+    assert judgement.modelled_speedup == pytest.approx((1 + 4 * 0.35) / (1 + 4 * 0.12))
+    assert judgement.modelled_speedup == pytest.approx(speculative_speedup(0.0, 0, 0) * 2.4 / 1.48)
+    assert result.calibration["m"].source == "measure" and result.calibration["m"].k == "4"
+
+
+def test_acceptance_0_55_is_below_break_even_0_6():
+    result = assess(upstream(accepted=55), None, calibration(levels=(level(1, 0.6),)), settings())
+    assert result.models["m"].verdict is Verdict.DISABLE  # (1 + 2.2) / (1 + 2.4) = 0.94 < 0.95
+    assert result.models["m"].modelled_speedup == pytest.approx(3.2 / 3.4)
+    assert result.thresholds["m"].break_even == pytest.approx(0.6)
+
+
+def test_break_even_follows_the_load_between_levels_and_clamps_at_the_ends():
+    cal = calibration(levels=(level(1, 0.1), level(8, 0.5)))
+    at = {running: assess(upstream(running=running), None, cal, settings()).thresholds["m"].break_even
+          for running in (0, 1, 4.5, 8, 64)}
+    assert at == pytest.approx({0: 0.1, 1: 0.1, 4.5: 0.3, 8: 0.5, 64: 0.5})
+
+
+def test_near_upper_is_where_the_modelled_speedup_reaches_one_plus_band():
+    t = calibrated_thresholds(0.2, 4, band=0.05)
+    assert (1 + 4 * t.near_upper) / (1 + 4 * 0.2) == pytest.approx(1.05)
+    assert (1 + 4 * t.break_even) / (1 + 4 * 0.2) == pytest.approx(1.0)
+
+
+def test_speedup_crosses_one_exactly_at_acceptance_equal_to_cost():
+    for c in (0.0, 0.05, 0.3, 0.9):
+        for d in (1.0, 2.5, 4.0):
+            steps = 100.0
+            drafted = d * steps
+            assert modelled_speedup(c * drafted, drafted, steps, c) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("speedup", "verdict"), [(1.05, "use"), (1.0499, "near_break_even"), (0.95, "near_break_even"),
+                                                  (0.9499, "disable")])
+def test_band_edges(speedup, verdict):
+    # one draft per step, c = 0: the modelled speed-up is 1 + r
+    r = speedup - 1.0
+    if r < 0:  # below 1 needs a cost: (1 + r') / (1 + c) with r' = 0
+        c = 1.0 / speedup - 1.0
+        t = calibrated_thresholds(c, 1.0)
+        assert judge(0.0, 100.0, 100.0, 1, t).verdict.value == verdict
+    else:
+        t = calibrated_thresholds(0.0, 1.0)
+        assert judge(r * 100.0, 100.0, 100.0, 1, t).verdict.value == verdict
+
+
+def test_too_few_drafts_is_insufficient_whatever_the_thresholds():
+    for t in (default_thresholds(), calibrated_thresholds(0.1, 4)):
+        j = judge(3.0, 8.0, 2.0, 10, t)
+        assert j.verdict is Verdict.INSUFFICIENT_DATA and j.acceptance is None and j.modelled_speedup is None
+
+
+def test_buckets_use_their_models_thresholds_and_their_own_drafts_per_step():
+    tap = TapHealth(MappingProxyType({WINDOW: MappingProxyType({
+        ("m", "0"): BucketCounts(requests=20, accepted=140, drafted=200, steps=50),
+        ("m", "0.7-1.0"): BucketCounts(requests=20, accepted=2, drafted=200, steps=50),
+        ("other", "0"): BucketCounts(requests=20, accepted=120, drafted=200, steps=50),
+    })}), MappingProxyType({WINDOW: WINDOW}))
+    result = assess(upstream(), tap, calibration(levels=(level(1, 0.12),)), settings())
+    assert result.buckets[("m", "0")].verdict is Verdict.USE
+    assert result.buckets[("m", "0.7-1.0")].verdict is Verdict.DISABLE
+    assert result.buckets[("m", "0")].modelled_speedup == pytest.approx((1 + 140 / 50) / (1 + 0.12 * 4))
+    # a model the calibration does not name keeps the defaults: 0.6 is near break-even
+    assert result.buckets[("other", "0")].verdict is Verdict.NEAR_BREAK_EVEN
+    assert result.thresholds["other"].source == "default"
+
+
+def test_tap_verdicts_keep_the_last_load_while_vllm_is_unreachable():
+    tap = TapHealth(MappingProxyType({WINDOW: MappingProxyType({
+        ("m", "0"): BucketCounts(requests=20, accepted=30, drafted=200, steps=50)})}), MappingProxyType({}))
+    down = MonitorState(up=False, scrapes=9, load=MappingProxyType({"m": 8.0}))
+    cal = calibration(levels=(level(1, 0.05), level(8, 0.3)))
+    result = assess(down, tap, cal, settings())
+    assert "m" not in result.models  # vLLM's series are absent, not frozen
+    assert result.thresholds["m"].break_even == pytest.approx(0.3)
+    assert result.buckets[("m", "0")].verdict is Verdict.DISABLE  # 0.15 acceptance against 0.3 at load 8
+    assert not math.isnan(result.buckets[("m", "0")].modelled_speedup)
