@@ -501,7 +501,7 @@ def health_row() -> list:
            "(a counter went down).",
            [Q(f"sum by (pod, reason) (rate(specdec_upstream_scrape_errors_total{{{P}}}[$__rate_interval]))",
               "{{pod}} {{reason}}"),
-            Q(f"sum by (pod) (rate(specdec_upstream_counter_resets_total{{{P}}}[$__rate_interval]))",
+            Q(f"sum by (pod) (rate(specdec_upstream_restarts_total{{{P}}}[$__rate_interval]))",
               "{{pod}} vLLM restarts")],
            "short", ("upstream",), w=8),
         ts("Poll duration P99 and age of the last good poll",

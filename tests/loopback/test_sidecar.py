@@ -103,7 +103,7 @@ async def test_upstream_vanishes_then_returns_with_reset_counters(sidecar, fake_
     await fake_vllm.start()  # same port
     await wait_for(lambda: get("specdec_upstream_up") == 1.0, what="up to return")
     await scrape_count(sidecar, 1)
-    assert get("specdec_upstream_counter_resets_total") == 1.0
+    assert get("specdec_upstream_restarts_total") == 1.0
     t2, t3, restarted = counters(SERIES[2]), counters(SERIES[3]), counters("vllm-0.32-draft-restarted.prom")
     accepted = (t3["accepted"] - t2["accepted"]) + restarted["accepted"]
     drafted = (t3["draft_tokens"] - t2["draft_tokens"]) + restarted["draft_tokens"]
