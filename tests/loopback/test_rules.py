@@ -12,7 +12,7 @@ import yaml
 
 from sidecar.decision import DEFAULT_BREAK_EVEN, DEFAULT_NEAR_UPPER
 
-ROOT = Path(__file__).parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "alerts" / "alerts.yaml"
 RECORDING = ROOT / "alerts" / "recording-rules.yaml"
 RUNBOOKS = (ROOT / "docs" / "runbooks.md").read_text()
@@ -41,7 +41,7 @@ def test_promtool_check_rules():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("name", ["recording_test.yaml", "alerts_test.yaml"])
+@pytest.mark.parametrize("name", ["recording_test.yaml", "alerts_test.yaml", "calibrated_test.yaml"])
 def test_promtool_test_rules(name):
     out = subprocess.run([tool("promtool"), "test", "rules", name], cwd=ROOT / "tests" / "rules",
                          capture_output=True, text=True, timeout=300)
