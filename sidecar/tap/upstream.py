@@ -6,30 +6,47 @@ and no stream buffer in between. Back-pressure is the transports' own: the sink 
 reading while the client's write buffer is full.
 
 Idle connections retire after ``keepalive`` seconds, below uvicorn's 5 s (vLLM's
-``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so a request is not sent on a connection vLLM is closing.
+``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``), so a request is not sent on a connection vLLM is closing. A pooled
+connection is checked once more when it is taken: one that vLLM closed (or sent anything on) while it was
+idle is dropped, not used.
+
+A failure is classified by the connection where it happens, as the ``stage`` of the ``UpstreamError``: no
+connection (``connect``), the connection was found closed before any byte of the request was written
+(``unsent``: vLLM provably never received the request), the request went out and nothing came back
+(``no_response``: vLLM may have read it), or the response broke off or was malformed (``response``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import select
 import ssl
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+from urllib.parse import unquote, urlsplit
 
 import httptools
 
+from sidecar.tap.http1 import ReadBuffer, end_to_end
+
+if TYPE_CHECKING:
+    from sidecar.tap.http1 import Request
+
+
+CONNECT = "connect"
+UNSENT = "unsent"
+NO_RESPONSE = "no_response"
+RESPONSE = "response"
+
 
 class UpstreamError(Exception):
-    """The upstream connection failed. ``before_response``: no byte of the response had arrived."""
+    """The upstream connection failed at ``stage``: ``connect``, ``unsent``, ``no_response`` or ``response``
+    (the module's docstring says what each means)."""
 
-    def __init__(self, message: str, before_response: bool) -> None:
+    def __init__(self, message: str, stage: str) -> None:
         super().__init__(message)
-        self.before_response = before_response
-
-
-class ConnectFailed(UpstreamError):
-    def __init__(self, message: str) -> None:
-        super().__init__(message, before_response=True)
+        self.stage = stage
 
 
 class Sink(Protocol):
@@ -59,18 +76,52 @@ class Head:
         return None
 
 
-# Reads go into one buffer shared by all connections of a loop (asyncio's BufferedProtocol): everything read
-# is parsed, and the pieces kept copied out, before the next read. A plain Protocol would get a new bytes
-# object per read, which asyncio allocates at 256 KiB and shrinks: 27 us per small read on this machine
-# against 4.5 us for a read into a buffer that exists (a send and a read each, socketpair, 1.3 KB).
-READ_BUFFER = 64 * 1024
+# What a poll of an idle connection's socket reports when vLLM closed it, reset it or wrote to it.
+_CLOSED_OR_READABLE = select.POLLIN | select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 
-class ReadBuffer:
-    __slots__ = ("view",)
+# Host is set for the upstream hop; Content-Length is recomputed from the buffered body (the same value) or
+# kept for a streamed one; Expect was already answered to the client (the proxy sends its 100 Continue), so
+# repeating it upstream could stall the body.
+REQUEST_ONLY_DROP = frozenset({b"host", b"content-length", b"expect"})
 
-    def __init__(self) -> None:
-        self.view = memoryview(bytearray(READ_BUFFER))
+
+class Origin:
+    """The upstream as its URL names it, and the request head each request gets for it."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"the proxy forwards to http(s)://host[:port] only, not {url!r}")
+        self.hostname = parts.hostname
+        self.tls = ssl.create_default_context() if parts.scheme == "https" else None
+        self.port = parts.port or (443 if self.tls is not None else 80)
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # IPv6 literal
+        self.host_header = (host if parts.port is None else f"{host}:{self.port}").encode()
+        self.prefix = parts.path.rstrip("/").encode()
+        # Credentials in the URL: sent as Basic auth when the client sends no Authorization.
+        self.basic: bytes | None = None
+        if parts.username is not None:
+            token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self.basic = b"Basic " + base64.b64encode(token)
+
+    def request_head(self, request: Request, body: bytes | None) -> tuple[bytes, bool]:
+        """The request line and headers for the upstream, and whether a streamed body goes chunked. *body*:
+        the whole body when it was buffered, None when it streams through."""
+        lines = [request.method + b" " + self.prefix + request.target + b" HTTP/1.1", b"Host: " + self.host_header]
+        lines += end_to_end(request.headers, REQUEST_ONLY_DROP)
+        if self.basic is not None and request.header(b"authorization") is None:
+            lines.append(b"Authorization: " + self.basic)
+        chunks = False
+        if body is not None:
+            if body or request.has_body or request.length == 0:
+                lines.append(b"Content-Length: %d" % len(body))
+        elif request.length is not None:
+            lines.append(b"Content-Length: %d" % request.length)  # streamed through: same framing
+        elif request.chunked:
+            lines.append(b"Transfer-Encoding: chunked")
+            chunks = True
+        return b"\r\n".join(lines) + b"\r\n\r\n", chunks
 
 
 class UpstreamConnection(asyncio.BufferedProtocol):
@@ -79,14 +130,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def __init__(self, pool: UpstreamPool) -> None:
         self._pool = pool
         self.transport: asyncio.Transport | None = None
-        self.reused = False
         self.closed = False
         self._idle_timer: asyncio.TimerHandle | None = None
-        self._reset_exchange()
-        # Told when the request body's write buffer fills and drains (the proxy then pauses reading the client).
-        self.on_write_paused: Callable[[bool], None] | None = None
+        self.reset(reused=False)
 
-    def _reset_exchange(self) -> None:
+    def reset(self, reused: bool) -> None:
+        """Ready for a new exchange; *reused*: the connection carried one before (it came from the pool)."""
+        self.reused = reused
         self._parser = httptools.HttpResponseParser(self)
         self._status_reason = bytearray()
         self._headers: list[tuple[bytes, bytes]] = []
@@ -97,8 +147,17 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._batch: list[bytes] | None = None
         self._no_body = False
         self._head: Head | None = None
+        self._keep = False  # vLLM keeps the connection alive after this response
+        self.sent = False  # some byte of the request was handed to the socket
         self.got_bytes = False
         self.complete = False
+        # Told when the request body's write buffer fills and drains (the proxy then pauses reading the client).
+        self.on_write_paused: Callable[[bool], None] | None = None
+
+    @property
+    def stage(self) -> str:
+        """Where this exchange stands, for a failure now: ``unsent``, ``no_response`` or ``response``."""
+        return UNSENT if not self.sent else NO_RESPONSE if not self.got_bytes else RESPONSE
 
     # --- asyncio callbacks -------------------------------------------------------------------------------
 
@@ -115,13 +174,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.closed = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
-        self._pool._forget(self)
+        self._pool.forget(self)
         if self.complete:
             return
         head, done = self._head_waiter, self._done
         if self._head is None:
             if head is not None and not head.done():
-                head.set_exception(UpstreamError(f"closed before the response: {exc!r}", not self.got_bytes))
+                head.set_exception(UpstreamError(f"closed before the response: {exc!r}", self.stage))
             return
         if done is None or done.done():
             return
@@ -129,7 +188,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.complete = True
             done.set_result(None)
             return
-        done.set_exception(UpstreamError(f"closed mid-response: {exc!r}", False))
+        done.set_exception(UpstreamError(f"closed mid-response: {exc!r}", RESPONSE))
 
     def data_received(self, data: bytes | memoryview) -> None:
         if self._head_waiter is None:  # bytes while idle: the connection is not in a state to reuse
@@ -207,7 +266,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     def _fail(self, why: str) -> None:
         self._keep = False
-        error = UpstreamError(why, not self.got_bytes)
+        error = UpstreamError(why, self.stage)
         if self._head is None:
             if self._head_waiter is not None and not self._head_waiter.done():
                 self._head_waiter.set_exception(error)
@@ -215,21 +274,20 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self._done.set_exception(error)
         self.transport.close()  # type: ignore[union-attr]
 
-    def begin(self, request_head: bytes, body: bytes | None, no_body: bool) -> asyncio.Future[Head]:
+    def send(self, request_head: bytes, body: bytes | None, no_body: bool) -> asyncio.Future[Head]:
         """Send a request (head and, when buffered, its body) and return the future response head."""
         loop = self._pool.loop
         self._head_waiter = loop.create_future()
         self._done = loop.create_future()
         self._no_body = no_body
-        self._keep = False
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         transport = self.transport
         if transport is None or transport.is_closing() or self.closed:
-            self._head_waiter.set_exception(UpstreamError("connection closed before the request", True))
+            self._head_waiter.set_exception(UpstreamError("connection closed before the request", UNSENT))
             return self._head_waiter
         transport.write(request_head + body if body else request_head)
+        # A write the socket refused at once (the connection was reset while idle) closes the transport
+        # before returning, with none of the request sent: its failure stays ``unsent``.
+        self.sent = not transport.is_closing()
         return self._head_waiter
 
     def write_body(self, data: bytes) -> None:
@@ -259,9 +317,37 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def reusable(self) -> bool:
         return self.complete and self._keep and not self.closed and not self._pending
 
+    def park(self, keepalive: float) -> None:
+        """Idle in the pool after a clean exchange: closed after *keepalive* seconds unless taken first."""
+        self.on_write_paused = None
+        self._head_waiter = None
+        self._idle_timer = self._pool.loop.call_later(keepalive, self._retire)
+
+    def take(self) -> bool:
+        """Out of the pool for a new exchange; False when vLLM closed it (or sent anything on it) while it was
+        idle, even if the loop has not read that yet: such a connection is not used, so no request goes
+        out on a connection that is already gone."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self.closed or self.transport is None or self.transport.is_closing():
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            poll = select.poll()
+            poll.register(sock.fileno(), _CLOSED_OR_READABLE)
+            if poll.poll(0):  # readable while idle: a FIN, a reset, or stray bytes
+                self.close()
+                return False
+        self.reset(reused=True)
+        return True
+
     def close(self) -> None:
         """Drop the connection (vLLM sees the disconnect and aborts a request it is generating)."""
         self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self.transport is not None:
             self.transport.close()
 
@@ -294,9 +380,7 @@ class UpstreamPool:
         """A pooled connection (``reused`` True) unless *fresh*, else a new one."""
         while self._idle and not fresh:
             conn = self._idle.pop()
-            if not conn.closed:
-                conn._reset_exchange()
-                conn.reused = True
+            if conn.take():
                 return conn
         try:
             _, conn = await asyncio.wait_for(
@@ -304,7 +388,7 @@ class UpstreamPool:
                 self.connect_timeout,
             )
         except (OSError, asyncio.TimeoutError) as error:
-            raise ConnectFailed(f"{type(error).__name__}: {error}") from error
+            raise UpstreamError(f"{type(error).__name__}: {error}", CONNECT) from error
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -312,12 +396,11 @@ class UpstreamPool:
         if not conn.reusable:
             conn.close()
             return
-        conn.on_write_paused = None
-        conn._head_waiter = None
-        conn._idle_timer = self.loop.call_later(self.keepalive, conn._retire)
+        conn.park(self.keepalive)
         self._idle.append(conn)
 
-    def _forget(self, conn: UpstreamConnection) -> None:
+    def forget(self, conn: UpstreamConnection) -> None:
+        """*conn* closed: it is no longer offered."""
         if conn in self._idle:
             self._idle.remove(conn)
 

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from conftest import FIXTURES, wait_for
+from fakes import FIXTURES, wait_for
 from sidecar.app import PROXY_PORT, create_app
 from sidecar.config import build_settings
 from sidecar.logs import configure_logging
@@ -137,7 +137,7 @@ async def test_client_disconnect_closes_upstream(proxy, upstream):
 
 
 async def test_upstream_unreachable_is_a_502_with_openai_error(aiohttp_client):
-    from devstack.vllm_server import free_port
+    from fakes import free_port
 
     settings = build_settings(upstream=f"http://127.0.0.1:{free_port()}", proxy_port=0, proxy_host="127.0.0.1",
                               scrape_interval="1s", scrape_timeout="1s", windows="1m", verdict_window="1m")
@@ -223,7 +223,8 @@ async def test_expect_100_continue_is_answered_and_not_repeated_upstream(proxy, 
 
 
 def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers():
-    from sidecar.tap.proxy import REQUEST_ONLY_DROP, end_to_end
+    from sidecar.tap.http1 import end_to_end
+    from sidecar.tap.upstream import REQUEST_ONLY_DROP
 
     headers = [(b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
                (b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3"), (b"X-Keep", b"a"),
@@ -409,7 +410,7 @@ async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_aga
 async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
     """aiohttp's own server with a short keep-alive (as uvicorn's 5 s, scaled down) and an API key, requests
     spaced right at it: the proxy retires its idle connections first, so none fails."""
-    from hostile import HostileVllm
+    from fakes import HostileVllm
 
     hostile_vllm = HostileVllm(keepalive=0.3)
     await hostile_vllm.start()
@@ -483,10 +484,10 @@ async def test_write_to_a_closing_client_is_the_clients_failure(counted, monkeyp
     """The exact failure of the issue, made deterministic: the client's connection is closing when the
     proxy writes the next event. Where it happened decides: writing to the client, so it is the client's
     side (never ``upstream_reset``), and the upstream connection is dropped."""
-    from sidecar.tap import proxy as proxy_module
+    from sidecar.tap.http1 import ResponseWriter
 
     writes = 0
-    real_body = proxy_module._Sink.body
+    real_body = ResponseWriter.body
 
     def body(self, data):
         nonlocal writes
@@ -495,7 +496,7 @@ async def test_write_to_a_closing_client_is_the_clients_failure(counted, monkeyp
             self.client.transport.close()
         return real_body(self, data)
 
-    monkeypatch.setattr(proxy_module._Sink, "body", body)
+    monkeypatch.setattr(ResponseWriter, "body", body)
     async with aiohttp.ClientSession() as client:
         with pytest.raises(aiohttp.ClientPayloadError):
             async with client.post(counted.base + "/v1/completions", json={"model": "m"},
@@ -543,7 +544,7 @@ async def test_every_observed_request_is_recorded_exactly_once(counted):
 
 
 async def test_upstream_unreachable_is_recorded_once_and_logged_rate_limited(capsys):
-    from devstack.vllm_server import free_port
+    from fakes import free_port
 
     configure_logging("json", "info")
     recorder = CountingRecorder()
