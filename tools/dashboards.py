@@ -51,12 +51,15 @@ MP = M + ', pod=~"$pod"'
 MBP = MB + ', pod=~"$pod"'
 P = 'namespace=~"$namespace", pod=~"$pod"'
 
-BREAK_EVEN = "specdec:acceptance_break_even:threshold"
-NEAR_UPPER = "specdec:acceptance_near_break_even_upper:threshold"
+# Each model's thresholds as the sidecars export them (calibrated by `measure` at the current load, or their
+# configured defaults), weighted by draft tokens across pods in the recording rules; the alerts read the same.
+BREAK_EVEN = f"namespace_model:specdec_break_even_acceptance:draft_weighted5m{{{M}}}"
+NEAR_UPPER = f"namespace_model:specdec_near_break_even_upper_acceptance:draft_weighted5m{{{M}}}"
+BUCKET_BREAK_EVEN = f"namespace_model_temperature_bucket:specdec_break_even_acceptance:draft_weighted5m{{{MB}}}"
 GUARD = "specdec:draft_tokens_guard:threshold"
 
-# Verdict codes computed in PromQL from the recorded acceptance and the recorded thresholds, so one number
-# in recording-rules.yaml moves the alerts, the threshold lines and the verdicts together.
+# Verdict codes computed in PromQL from the recorded acceptance and the recorded per-model thresholds, so
+# the alerts, the threshold lines and the verdicts move together.
 VERDICT_MAPPINGS = [
     dm.ValueMap(options={
         "-1": dm.ValueMappingResult(text="insufficient data (below the traffic guard)", color="text", index=0),
@@ -67,19 +70,20 @@ VERDICT_MAPPINGS = [
 ]
 
 
-def verdict_expr(acceptance: str, draft_rate: str, on: str) -> str:
-    """2 use, 1 near break-even, 0 disable, -1 below the traffic guard; absent without drafts ("No traffic")."""
+def verdict_expr(acceptance: str, draft_rate: str, on: str, break_even: str) -> str:
+    """2 use, 1 near break-even, 0 disable, -1 below the traffic guard; absent without drafts ("No traffic").
+    *break_even* matches *acceptance* on *on*; the near-break-even edge is the model's."""
     return (
-        f"(\n  ({acceptance} >= bool on () group_left () {BREAK_EVEN})\n"
-        f"  + ({acceptance} >= bool on () group_left () {NEAR_UPPER})\n)\n"
+        f"(\n  ({acceptance} >= bool on ({on}) {break_even})\n"
+        f"  + ({acceptance} >= bool on (namespace, model) group_left () {NEAR_UPPER})\n)\n"
         f"and on ({on}) ({draft_rate} >= on () group_left () {GUARD})\n"
         f"or on ({on}) (0 * {acceptance} - 1)"
     )
 
 
 def beside(series: str, threshold: str) -> str:
-    """The threshold as a column beside each row of ``series`` (tables cannot draw lines)."""
-    return f"0 * {series} + on () group_left () {threshold}"
+    """The model's threshold as a column beside each row of ``series`` (tables cannot draw lines)."""
+    return f"0 * {series} + on (namespace, model) group_left () {threshold}"
 
 
 # --- runbook sections (anchors of docs/runbooks.md headings) -------------------------------------------------
@@ -150,10 +154,10 @@ def dashed(name: str, color: str) -> tuple[str, list[dm.DynamicConfigValue]]:
 
 
 THRESHOLD_LINES = [
-    Q(BREAK_EVEN, "break-even"),
-    Q(NEAR_UPPER, "near-break-even upper edge"),
+    Q(BREAK_EVEN, "{{model}} break-even"),
+    Q(NEAR_UPPER, "{{model}} near-break-even upper edge"),
 ]
-THRESHOLD_STYLE = [dashed("break-even", "red"), dashed("near-break-even upper edge", "orange")]
+THRESHOLD_STYLE = [dashed("/.* break-even$/", "red"), dashed("/.* near-break-even upper edge$/", "orange")]
 
 
 def ts(title: str, description: str, queries: list[Q], unit: str, runbooks: tuple[str, ...], *,
@@ -229,16 +233,17 @@ TPOT_GAP = f"namespace_model:specdec_request_tpot_seconds:p99_over_p50_rate5m{{{
 
 
 def verdict_row() -> list:
-    model_code = verdict_expr(ACC, DRAFT_RATE, "namespace, model")
-    bucket_code = verdict_expr(BACC, BDRAFT_RATE, "namespace, model, temperature_bucket")
+    model_code = verdict_expr(ACC, DRAFT_RATE, "namespace, model", BREAK_EVEN)
+    bucket_code = verdict_expr(BACC, BDRAFT_RATE, "namespace, model, temperature_bucket", BUCKET_BREAK_EVEN)
     verdict_stat = with_queries(
         stat.Panel()
         .title("Verdict by model")
         .description(
-            "Fleet verdict per model over 5m, from the recorded token-weighted acceptance against the recorded "
-            "thresholds (specdec:*:threshold): USE at or above the near-break-even edge, NEAR BREAK-EVEN from "
-            "break-even up to it, DISABLE below break-even; 'insufficient data' while proposed draft tokens are "
-            "under the traffic guard. The table beside it gives the numbers behind each verdict.")
+            "Fleet verdict per model over 5m, from the recorded token-weighted acceptance against the model's "
+            "thresholds as its sidecars export them (the draft's calibrated cost at the current load where a "
+            "calibration from `measure` is loaded, else the configured 0.5 / 0.65): USE at or above the "
+            "near-break-even edge, NEAR BREAK-EVEN from break-even up to it, DISABLE below break-even; "
+            "'insufficient data' while proposed draft tokens are under the traffic guard.")
         .datasource(DS)
         .no_value(NO_TRAFFIC)
         .span(7)
@@ -260,8 +265,8 @@ def verdict_row() -> list:
         [
             Q(model_code),
             Q(ACC),
-            Q(beside(ACC, BREAK_EVEN)),
-            Q(beside(ACC, NEAR_UPPER)),
+            Q(BREAK_EVEN),
+            Q(NEAR_UPPER),
             Q(f"namespace_model:specdec_request_acceptance:p10_rate5m{{{M}}}"),
             Q(f"namespace_model:specdec_mean_acceptance_length:ratio_rate5m{{{M}}}"),
             Q(DRAFT_RATE),
@@ -284,7 +289,7 @@ def verdict_row() -> list:
         [
             Q(bucket_code),
             Q(BACC),
-            Q(beside(BACC, BREAK_EVEN)),
+            Q(BUCKET_BREAK_EVEN),
             Q(beside(BACC, NEAR_UPPER)),
             Q(BSHARE),
             Q(f"namespace_model_temperature_bucket:specdec_request_acceptance:p10_rate5m{{{MB}}}"),
@@ -325,13 +330,15 @@ def acceptance_row() -> list:
     return [
         ts("Fleet acceptance against break-even",
            "Token-weighted acceptance per model over 5m (namespace_model:specdec_acceptance:ratio_rate5m) with "
-           "the break-even and near-break-even lines drawn from the recorded thresholds: below the red line "
-           "speculation costs more than it saves.",
+           "each model's break-even and near-break-even lines as its sidecars export them (calibrated: the "
+           "draft's measured cost at the current load; otherwise 0.5 / 0.65): below the red line speculation "
+           "costs more than it saves.",
            [Q(ACC, "{{namespace}} / {{model}}"), *THRESHOLD_LINES], "percentunit", ("below", "near"),
            styles=THRESHOLD_STYLE),
         ts("Acceptance by temperature bucket",
-           "Acceptance per temperature bucket from vLLM's per-request numbers (through the tap). No vLLM series "
-           "carries temperature; this is where a sampled slice shows up below break-even.",
+           "Acceptance per temperature bucket from vLLM's per-request numbers (through the tap), with each "
+           "model's break-even. No vLLM series carries temperature; this is where a sampled slice shows up "
+           "below break-even.",
            [Q(BACC, "{{model}} {{temperature_bucket}}"), *THRESHOLD_LINES], "percentunit", ("bucket",),
            styles=THRESHOLD_STYLE),
         ts("Share of requests by temperature bucket",
@@ -347,6 +354,16 @@ def acceptance_row() -> list:
             THRESHOLD_LINES[0]],
            "percentunit", ("p10",), w=8, styles=THRESHOLD_STYLE[:1]),
         heatmap_panel(),
+        ts("Modelled speed-up (calibrated models)",
+           "Each sidecar's modelled speed-up L / (1 + c*d) over its verdict window, per model and per "
+           "temperature bucket: L tokens per verify step, d draft tokens per step, c the draft's cost per token "
+           "measured by `measure` and read at the pod's current load. Above 1 speculation pays; the sidecar "
+           "says use above 1 + band and disable below 1 - band. Absent for uncalibrated models.",
+           [Q(f"avg by (namespace, model) (specdec_modelled_speedup{{{MP}}})", "{{model}}"),
+            Q(f"avg by (namespace, model, temperature_bucket) (specdec_bucket_modelled_speedup{{{MBP}}})",
+              "{{model}} {{temperature_bucket}}"),
+            Q(f"0 * avg by (namespace, model) (specdec_modelled_speedup{{{MP}}}) + 1", "{{model}} break-even")],
+           "x", ("below", "bucket"), w=8, styles=THRESHOLD_STYLE[:1]),
         ts("Mean acceptance length",
            "Tokens emitted per target forward pass: 1 + accepted per draft step. Per model from vLLM's counters "
            "(recorded), per temperature bucket from the tap. Close to 1 means the draft's work is wasted.",
