@@ -58,7 +58,8 @@ def per_read_us(feed, data: list[bytes], number: int) -> float:
 
 
 def observer_feed(path: str):
-    observer, outcome = SseObserver(), Outcome(status=200)
+    scan = observe.templated_py if path == "template (Python)" else observe.DEFAULT_SCAN
+    observer, outcome = SseObserver(scan=scan), Outcome(status=200)
     if path == "byte patterns":
         def feed(chunk: bytes) -> None:
             observer._block(chunk, len(chunk), 1.0, outcome)
@@ -74,28 +75,22 @@ def json_feed(chunk: bytes) -> None:
 
 def measure(number: int) -> dict[str, dict[int, float]]:
     results: dict[str, dict[int, float]] = {}
-    built = observe.templated is not observe.templated_py
+    built = observe.templated_c is not None
     for path in ("template (C)", "template (Python)", "byte patterns", "JSON per event"):
         if path == "template (C)" and not built:
             continue
         results[path] = {}
         for size in (1, 4, 16):
             data = reads(size)
-            saved = observe.templated
-            try:
-                if path == "template (Python)":
-                    observe.templated = observe.templated_py
-                if path == "JSON per event":
-                    results[path][size] = per_read_us(json_feed, data, number)
-                    continue
-                feed, observer = observer_feed(path)
-                for chunk in data[:2]:  # the first read teaches the template
-                    feed(chunk)
-                results[path][size] = per_read_us(feed, data, number)
-                if path.startswith("template"):
-                    assert observer.templated > 0, "the template did not take the reads"
-            finally:
-                observe.templated = saved
+            if path == "JSON per event":
+                results[path][size] = per_read_us(json_feed, data, number)
+                continue
+            feed, observer = observer_feed(path)
+            for chunk in data[:2]:  # the first read teaches the template
+                feed(chunk)
+            results[path][size] = per_read_us(feed, data, number)
+            if path.startswith("template"):
+                assert observer.templated > 0, "the template did not take the reads"
     return results
 
 

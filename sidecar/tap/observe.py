@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar.decision import clamped_ratio
@@ -271,11 +272,33 @@ class BodyObserver:
 # escaped, so a key pattern that starts with '"' can only match the structure, never text a model wrote.
 _CONTENT_KEYS = (b'"text":"', b'"content":"', b'"reasoning_content":"', b'"reasoning":"')
 _QUOTE = 0x22
-# Events with these go through the line-by-line path: errors, non-compact JSON and \u escapes (the only
-# escape that can spell a letter, so a key such as "\u0065rror") need a parse, Responses API events and tool
-# calls have their own rules, and vLLM may send `reasoning` beside `reasoning_content` in one delta (two
-# keys, one chunk).
-_NEEDS_LINES = (b'"error"', b'": ', b"\\u", b'"type":"response.', b'"tool_calls":[', b'"reasoning')
+# What makes an event need a full JSON parse: an error (vLLM's ``"error"`` key, ``"object":"error"``,
+# ``"type":"error"``), JSON not in compact form (``": ``), a \u escape (the only escape that can spell a
+# letter, so a key such as "\u0065rror"), and a Responses API event other than a text delta.
+_PARSE_MARKERS = (b'"error"', b'": ', b"\\u")
+_RESPONSES_EVENT = b'"type":"response.'
+_TEXT_DELTA = b'"type":"response.output_text.delta"'
+
+
+def needs_parse(data: bytes, start: int = 0, end: int | None = None) -> bool:
+    """Whether an event (or some event in ``data[start:end]``) needs a full JSON parse: the one definition
+    every path of ``SseObserver`` follows. The byte-pattern paths decline such events, the line path parses
+    them, and a template is never learnt from one (``_Template.learn``)."""
+    for marker in _PARSE_MARKERS:
+        if data.find(marker, start, end) >= 0:
+            return True
+    at = data.find(_RESPONSES_EVENT, start, end)
+    while at >= 0:
+        if not data.startswith(_TEXT_DELTA, at):
+            return True
+        at = data.find(_RESPONSES_EVENT, at + len(_TEXT_DELTA), end)
+    return False
+
+
+# What the whole-read pattern count cannot count, though no parse is needed: Responses API text deltas and
+# tool calls have their own content rules (the line path's), and vLLM may send `reasoning` beside
+# `reasoning_content` in one delta (two keys, one chunk).
+_NOT_COUNTABLE = (_RESPONSES_EVENT, b'"tool_calls":[', b'"reasoning')
 _BLOCK_CONTENT_KEYS = (b'"text":"', b'"content":"')
 _CLOSE_BRACKET = 0x5D
 
@@ -317,7 +340,10 @@ class _Template:
     before and after its text, with digits read as '0'. An event with the same shape and non-empty text at the
     same place has the same meaning for the observer: the same keys at the same places, strings of the same
     length, only its numbers and that text differ. The bytes around the text hold no backslash (checked when
-    learning), so no escape can make an equal-looking key a different one."""
+    learning), so no escape can make an equal-looking key a different one, and it is learnt only from an event
+    that does not need a parse (``needs_parse``): an event that matches it does not need one either, since its
+    only other bytes are digits and the text of one string (where no marker can stand: a string's text has
+    no raw quote, and a \\u escape there spells text, not a key)."""
 
     __slots__ = ("head", "tail", "head_len", "tail_len", "usage", "spec")
 
@@ -328,8 +354,8 @@ class _Template:
 
     @classmethod
     def learn(cls, line: bytes) -> _Template | None:
-        """A template from one event line (``data: {...}``) that a full parse shows to be a content chunk
-        and not an error; None for anything else."""
+        """A template from one event line (``data: {...}``) that needs no parse outside the text of its content
+        string and that a full parse shows to be a content chunk; None for anything else."""
         try:
             event = json.loads(line[5:])
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -350,6 +376,8 @@ class _Template:
             return None
         close = _string_end(line, text + 1, len(line))
         if close < 0 or b"\\" in line[:text] or b"\\" in line[close:]:
+            return None
+        if needs_parse(line, 0, text) or needs_parse(line, close):
             return None
         return cls(line[:text].translate(_ZERO_DIGITS), line[close:].translate(_ZERO_DIGITS) + b"\n\n",
                    isinstance(event.get("usage"), dict), isinstance(event.get("metrics"), dict))
@@ -383,9 +411,11 @@ def templated_py(data: bytes, end: int, head: bytes, tail: bytes) -> tuple[int, 
 
 
 try:
-    from sidecar.tap._scan import templated
-except ImportError:  # not built (no C compiler where it was installed): the same answer, slower
-    templated = templated_py
+    from sidecar.tap._scan import templated as templated_c
+except ImportError:  # not built (no C compiler where it was installed): the Python twin, the same answer, slower
+    templated_c = None
+# The scan an observer uses unless it is given one: the C scan where it is built.
+DEFAULT_SCAN = templated_c if templated_c is not None else templated_py
 
 
 class SseObserver:
@@ -399,15 +429,20 @@ class SseObserver:
       (``_scan.c``, with a Python twin where it is not built);
     * a whole read at once (``_block``), by counting byte patterns of vLLM's compact chunks
       (``"text":"x``, ``"content":"x``...) when every event in it has the plain shape;
-    * line by line, where error events, Responses API events other than text deltas, \\u escapes and
-      anything not in compact form are parsed as they arrive.
+    * line by line, where the events that need a parse (``needs_parse``: errors, Responses API events other
+      than text deltas, \\u escapes, anything not in compact form) are parsed as they arrive.
+
+    Which events need a parse is decided by one function, ``needs_parse``, for every path. *scan* is the
+    template's matcher: the C scan by default (``DEFAULT_SCAN``), or ``templated_py``, its Python twin.
 
     Of the chunks that carry ``usage`` or ``metrics`` only the last of each is parsed, at the end of the
     stream."""
 
     MAX_LINE = 4 * 1024 * 1024
 
-    def __init__(self, limit: int = MAX_LINE, budget: Budget = UNLIMITED) -> None:
+    def __init__(self, limit: int = MAX_LINE, budget: Budget = UNLIMITED,
+                 scan: Callable[[bytes, int, bytes, bytes], tuple[int, int, int]] = DEFAULT_SCAN) -> None:
+        self.scan = scan  # the template's matcher
         self._buffer = b""
         self._limit = limit
         self._budget = budget
@@ -417,7 +452,7 @@ class SseObserver:
         self._last_usage: bytes | None = None
         self._last_spec: bytes | None = None
         self._template: _Template | None = None
-        self.templated = 0  # events taken by a template, for tests
+        self.templated = 0  # events the template took (the learning backoff reads it)
         self._templated_before = 0  # ... when the template was learnt
         self._reads = 0  # reads with complete events; learning waits until _learn_at
         self._learn_at = 0
@@ -463,7 +498,7 @@ class SseObserver:
         chunk each, the last of them kept as usage (or metrics) when the template carries it. Returns where
         the first other event starts (*end* when there is none)."""
         template = self._template
-        at, last, count = templated(data, end, template.head, template.tail)
+        at, last, count = self.scan(data, end, template.head, template.tail)
         if count:
             outcome.last_token_at = now
             if outcome.first_token_at is None:
@@ -500,9 +535,9 @@ class SseObserver:
         they have vLLM's plain shape: only ``data: `` lines each followed by a blank line, compact JSON, one
         content key per event, nothing that needs a parse. False (and nothing done) otherwise."""
         events = data.count(b"data: ", 0, end)
-        if not events or data.count(b"\n", 0, end) != 2 * events:
+        if not events or data.count(b"\n", 0, end) != 2 * events or needs_parse(data, 0, end):
             return False
-        for marker in _NEEDS_LINES:
+        for marker in _NOT_COUNTABLE:
             if data.find(marker, 0, end) >= 0:
                 return False
         content = 0
@@ -547,12 +582,10 @@ class SseObserver:
     def _line(self, line: bytes, now: float, outcome: Outcome) -> None:
         if line.startswith(b"data: [DONE]"):
             return
-        if b'"error"' in line or b'": ' in line or b"\\u" in line or (
-            b'"type":"response.' in line and b'"type":"response.output_text.delta"' not in line
-        ):
+        if needs_parse(line):
             self._parse(line, now, outcome)
             return
-        if b'"type":"response.output_text.delta"' in line:
+        if _TEXT_DELTA in line:
             at = line.find(b'"delta":"')
             if at >= 0 and at + 9 < len(line) and line[at + 9] != _QUOTE:
                 self._content(now, outcome)

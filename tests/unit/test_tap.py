@@ -259,10 +259,11 @@ def reference_with_errors(data: bytes) -> tuple:
         error_of(json.loads(line[6:])) for line in data.split(b"\n") if line.startswith(b"data: {")),)
 
 
-def observe_reads(data: bytes, per_feed: int) -> tuple:
-    """As observe_events, and also whether a stream error was seen; with the events the template took."""
+def observe_reads(data: bytes, per_feed: int, scan=None) -> tuple:
+    """As observe_events, and also whether a stream error was seen; with the events the template took.
+    *scan*: the template's matcher (the observer's default, the C scan, when None)."""
     outcome = Outcome(status=200)
-    observer = SseObserver()
+    observer = SseObserver() if scan is None else SseObserver(scan=scan)
     events = [e + b"\n\n" for e in data.split(b"\n\n") if e]
     line = 0
     for i in range(0, len(events), per_feed):
@@ -327,12 +328,7 @@ def test_template_agrees_with_a_full_parse_on_random_streams(scan, events, creat
     lines.append(b'data: {"choices":[],"usage":{"completion_tokens":%d}}' % tokens)
     data = b"\n\n".join(lines) + b"\n\ndata: [DONE]\n\n"
     want = reference_with_errors(data)
-    saved = observe.templated
-    observe.templated = observe.templated_py if scan == "python twin" else saved
-    try:
-        got, _ = observe_reads(data, per_feed)
-    finally:
-        observe.templated = saved
+    got, _ = observe_reads(data, per_feed, observe.templated_py if scan == "python twin" else observe.templated_c)
     assert got[4] == want[4]
     if want[4]:  # an error event makes the request a stream error, whatever else it counted
         return
@@ -359,6 +355,30 @@ def test_texts_with_quotes_and_backslashes_keep_the_template():
     assert got[0] == len(texts) and hits == len(texts) - 1  # all but the first, which taught the template
 
 
+@pytest.mark.parametrize(("how", "parse"), [
+    ("same", False), ("reasoning", False), ("tool_call", False), ("err0r", False), ("empty", False),
+    ("error", True), ("escaped_error", True), ("escaped_other", True)])
+def test_one_definition_of_an_event_that_needs_a_parse(how, parse):
+    """needs_parse decides for every path: the line path parses exactly those events, the whole-read pattern
+    count declines a read with one anywhere among plain events, and no template is learnt from one."""
+    from sidecar.tap.observe import _Template, needs_parse
+
+    line = chunk('say "hi"', 7, 5, how)
+    assert needs_parse(line) is parse
+    plain = chunk("x", 7, 5, "same") + b"\n\n"
+    read = plain + line + b"\n\n" + plain
+    assert needs_parse(read) is parse
+    assert needs_parse(read, 0, len(plain)) is False and needs_parse(read, len(read) - len(plain)) is False
+    if parse:
+        assert _Template.learn(line) is None
+    spaced = line.replace(b'"delta":{', b'"delta": {')  # the same event, not in compact form
+    assert needs_parse(spaced) and _Template.learn(spaced) is None
+    for event, want in ((b'data: {"type":"response.output_text.delta","delta":"x"}', False),
+                        (b'data: {"type":"response.completed","response":{"usage":{}}}', True),
+                        (b'data: {"type":"response.output_text.delta","delta":"x","type":"response.failed"}', True)):
+        assert needs_parse(event) is want, event
+
+
 def test_an_escape_never_makes_a_template():
     line = chunk("x", 7, 1, "escaped_other")
     from sidecar.tap.observe import _Template
@@ -374,7 +394,8 @@ def test_the_c_scan_is_built():
     from sidecar.tap import observe
     from sidecar.tap._scan import templated
 
-    assert observe.templated is templated
+    assert observe.templated_c is templated and observe.DEFAULT_SCAN is templated
+    assert SseObserver().scan is templated
 
 
 def _template_of(line: bytes):
