@@ -15,12 +15,16 @@ import urllib.error
 import urllib.request
 from collections import deque
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from sidecar.export.view import WANTED, View, build_view, millis, number, percent  # noqa: F401 (re-exported)
+from sidecar.config import ExitCode, http_url
+from sidecar.export.view import (  # noqa: F401 (re-exported)
+    WANTED, View, build_view, calibration_notes, millis, number, percent, speedup,
+)
 from sidecar.upstream.exposition import Sample, parse
 
 VERDICT_STYLE = {"use": "green", "near_break_even": "yellow", "disable": "bold red", "insufficient_data": "dim"}
@@ -57,26 +61,36 @@ def render_alerts(alerts: list[dict] | str) -> Table | Text:
     return table
 
 
+def covering(span: float) -> str:
+    """What the distributions cover. A span of 0 is the first reading: with no earlier one to subtract, they
+    are the sidecar's own totals since it started, whatever the window."""
+    return f"over the last {span:.0f}s" if span > 0 else "since the sidecar started (one reading so far)"
+
+
 def render(view: View, url: str) -> Group:
     status = Text("upstream up", style="green") if view.up else Text("upstream DOWN", style="bold red")
     header = Text.assemble(("specdec-sidecar top ", "bold"), (url, "cyan"), "  ", status,
-                           f"  distributions over the last {view.span:.0f}s")
+                           f"  distributions {covering(view.span)}")
     models = Table(title="Models (from vLLM's counters)", title_justify="left", expand=True)
-    for column in ("model", "acceptance", "window", "mean acc. length", "KV usage", "running", "waiting", "verdict"):
-        models.add_column(column, justify="left" if column in ("model", "verdict") else "right")
+    for column in ("model", "acceptance", "window", "break-even", "thresholds", "modelled", "mean acc. length",
+                   "KV usage", "running", "waiting", "verdict"):
+        models.add_column(column, justify="left" if column in ("model", "verdict", "thresholds") else "right")
     for m in view.models:
-        models.add_row(m.model, percent(m.acceptance), m.window or "—", number(m.mean_length), percent(m.kv_usage),
+        models.add_row(m.model, percent(m.acceptance), m.window or "—", percent(m.break_even), m.source,
+                       speedup(m.modelled_speedup), number(m.mean_length), percent(m.kv_usage),
                        number(m.running, "{:.0f}"), number(m.waiting, "{:.0f}"),
                        Text(m.verdict, style=VERDICT_STYLE.get(m.verdict, "")))
     buckets = Table(title="By temperature bucket (from the request tap)", title_justify="left", expand=True)
-    for column in ("model", "temp", "requests", "acceptance", "P10", "P50", "P90", "mean acc. length",
+    for column in ("model", "temp", "requests", "acceptance", "P10", "P50", "P90", "mean acc. length", "modelled",
                    "TTFT P50", "TTFT P99", "TPOT P50", "TPOT P99", "verdict"):
         buckets.add_column(column, justify="left" if column in ("model", "temp", "verdict") else "right")
     for r in view.buckets:
         buckets.add_row(r.model, r.bucket, f"{r.requests:.0f}", percent(r.acceptance), percent(r.p10), percent(r.p50),
-                        percent(r.p90), number(r.mean_length), millis(r.ttft_p50), millis(r.ttft_p99), millis(r.tpot_p50),
-                        millis(r.tpot_p99), Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")))
-    return Group(header, models, buckets)
+                        percent(r.p90), number(r.mean_length), speedup(r.modelled_speedup), millis(r.ttft_p50),
+                        millis(r.ttft_p99), millis(r.tpot_p50), millis(r.tpot_p99),
+                        Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")))
+    notes = [Text(line, style="cyan") for line in calibration_notes(view)]
+    return Group(header, models, buckets, *notes)
 
 
 def run_top(
@@ -121,3 +135,27 @@ def run_top(
     except KeyboardInterrupt:
         pass
     return 0
+
+
+class TopSettings(BaseModel):
+    """Everything ``top`` can be told; each field is the flag of the same name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    url: str = Field("http://127.0.0.1:9464/metrics", description="the sidecar's /metrics URL")
+    interval: float = Field(2.0, gt=0, allow_inf_nan=False, description="seconds between refreshes")
+    window: float = Field(60.0, gt=0, allow_inf_nan=False, description="seconds of history the distributions cover")
+    once: bool = Field(False, description="print one frame and exit")
+    alertmanager: str | None = Field(
+        None, description="also show firing SpecDecode alerts from this Alertmanager URL",
+        json_schema_extra={"metavar": "URL"})
+
+    @field_validator("url", "alertmanager")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else http_url(value)
+
+
+def run(settings: TopSettings) -> ExitCode:
+    run_top(settings.url, settings.interval, settings.window, settings.once, alertmanager=settings.alertmanager)
+    return ExitCode.OK

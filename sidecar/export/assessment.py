@@ -74,7 +74,8 @@ def assess(
     if health is not None:
         model_stats = {m: g.windows.get(window) for m, g in health.models.items()}
     bucket_counts: Mapping[BucketKey, BucketCounts] = tap.windows.get(window, {}) if tap is not None else {}
-    names = sorted(set(model_stats) | {m for m, _ in bucket_counts})
+    judged = tap.judged if tap is not None else frozenset()
+    names = sorted(set(model_stats) | {m for m, _ in bucket_counts if (m, _) in judged})
 
     judgements: dict[str, Judgement] = {}
     thresholds: dict[str, Thresholds] = {}
@@ -96,6 +97,7 @@ def assess(
     buckets = {
         key: judge(c.accepted, c.drafted, c.steps, settings.min_drafts, thresholds[key[0]])
         for key, c in bucket_counts.items()
+        if key in judged
     }
     return Assessment(
         MappingProxyType(judgements), MappingProxyType(buckets), MappingProxyType(thresholds),

@@ -159,8 +159,8 @@ class HealthCollector(Collector):
         s = self._settings
         rate = GaugeMetricFamily(
             "specdec_bucket_acceptance_rate",
-            "Accepted / drafted tokens per temperature bucket over the window, summed over the requests vLLM "
-            "reported per-request metrics for. Absent below --min-drafts verify steps." + self._note,
+            "Accepted / drafted tokens per temperature bucket over the verdict window, summed over the requests "
+            "vLLM reported per-request metrics for. Absent below --min-drafts verify steps.",
             labels=["model", "temperature_bucket", "window"],
         )
         verdict = GaugeMetricFamily(
@@ -176,12 +176,14 @@ class HealthCollector(Collector):
             "d the draft tokens per verify step, c the calibrated draft cost at the current load.",
             labels=["model", "temperature_bucket"],
         )
+        # Over the verdict window only: 8 series per model instead of 8 per window (docs/scaling.md); any other
+        # window is one rate() of the tap's counters away.
         if tap is not None:
-            for window, per_key in sorted(tap.windows.items()):
-                for (model, bucket), counts in per_key.items():
-                    value = counts.acceptance_rate(s.min_drafts)
-                    if value is not None:
-                        rate.add_metric([model, bucket, format_duration(window)], value)
+            per_key = tap.windows.get(s.verdict_window, {})
+            for (model, bucket), counts in per_key.items():
+                value = counts.acceptance_rate(s.min_drafts)
+                if value is not None:
+                    rate.add_metric([model, bucket, format_duration(s.verdict_window)], value)
         for (model, bucket), judgement in sorted(assessment.buckets.items()):
             for state_name in VERDICTS:
                 verdict.add_metric([model, bucket, state_name.value], 1.0 if state_name is judgement.verdict else 0.0)

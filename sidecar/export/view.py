@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.buckets import label_order
 from sidecar.config import format_duration, parse_duration
-from sidecar.decision import Judgement, Verdict
+from sidecar.decision import DEFAULT_BREAK_EVEN, Judgement, Verdict, decide
 from sidecar.tap.metrics import ACCEPTANCE_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS
 from sidecar.tap.windows import BucketCounts, BucketKey, quantile
 from sidecar.upstream.exposition import Sample
@@ -226,7 +226,7 @@ def counts_from_samples(counters: Mapping[tuple[str, tuple[tuple[str, str], ...]
         per_kind = {kind: _per_edge(hist[(key, kind)], edges) if (key, kind) in hist else ()
                     for kind, edges in HISTOGRAM_EDGES.items()}
         out[key] = BucketCounts(
-            s.get("requests", 0.0), s.get("accepted", 0.0), s.get("drafted", 0.0), s.get("steps", 0.0),
+            s.get("requests", 0.0), 0.0, s.get("accepted", 0.0), s.get("drafted", 0.0), s.get("steps", 0.0),
             s.get("accepted_all", 0.0), s.get("steps_all", 0.0),
             per_kind["acceptance_rate"], per_kind["ttft_seconds"], per_kind["tpot_seconds"],
         )  # fmt: skip
@@ -317,3 +317,25 @@ def number(value: float | None, fmt: str = "{:.2f}") -> str:
 
 def speedup(value: float | None) -> str:
     return "—" if value is None else f"{value:.2f}x"
+
+
+def calibration_notes(view: View) -> list[str]:
+    """One line per model or bucket whose calibrated verdict differs from what the fixed rule of thumb
+    (``decision.DEFAULT_BREAK_EVEN`` / ``DEFAULT_NEAR_UPPER``) would say about the same acceptance."""
+    calibrated = {m.model: m for m in view.models if m.source == "measure"}
+    notes = []
+    rows: list[ModelRow | Row] = [*calibrated.values(), *(r for r in view.buckets if r.model in calibrated)]
+    for row in rows:
+        if row.acceptance is None or row.modelled_speedup is None:
+            continue
+        plain = decide(row.acceptance)
+        if plain.value == row.verdict:
+            continue
+        model = calibrated[row.model]
+        where = row.model if isinstance(row, ModelRow) else f"{row.model} {row.bucket}"
+        notes.append(
+            f"{where}: {row.verdict} by calibration (break-even {percent(model.break_even)} at "
+            f"{number(model.running, '{:.0f}')} running, modelled {speedup(row.modelled_speedup)}) where the fixed "
+            f"{percent(DEFAULT_BREAK_EVEN)} rule says {plain.value} at {percent(row.acceptance)} acceptance"
+        )
+    return notes

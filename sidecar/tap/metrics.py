@@ -71,11 +71,12 @@ def status_class(status: int) -> str:
 class _Running:
     """Mutable cumulative totals of one (model, bucket); ``RequestMetrics.totals()`` freezes them."""
 
-    __slots__ = ("requests", "accepted", "drafted", "steps", "accepted_all", "steps_all", "acceptance", "ttft",
+    __slots__ = ("requests", "attributed", "accepted", "drafted", "steps", "accepted_all", "steps_all", "acceptance", "ttft",
                  "tpot")
 
     def __init__(self) -> None:
         self.requests = 0.0
+        self.attributed = 0.0
         self.accepted = 0.0
         self.drafted = 0.0
         self.steps = 0.0
@@ -86,7 +87,7 @@ class _Running:
         self.tpot = [0.0] * (len(TPOT_BUCKETS) + 1)
 
     def frozen(self) -> BucketCounts:
-        return BucketCounts(self.requests, self.accepted, self.drafted, self.steps, self.accepted_all,
+        return BucketCounts(self.requests, self.attributed, self.accepted, self.drafted, self.steps, self.accepted_all,
                             self.steps_all, tuple(self.acceptance), tuple(self.ttft), tuple(self.tpot))
 
 
@@ -190,6 +191,7 @@ class RequestMetrics:
         running.accepted_all += spec.accepted
         running.steps_all += spec.steps
         if spec.source == "vllm":
+            running.attributed += 1
             running.accepted += spec.accepted
             running.drafted += spec.drafted or 0
             running.steps += spec.steps

@@ -45,6 +45,7 @@ class BucketCounts:
     """
 
     requests: float = 0.0
+    attributed: float = 0.0  # requests with vLLM's per-request metrics (source vllm)
     accepted: float = 0.0
     drafted: float = 0.0
     steps: float = 0.0
@@ -60,7 +61,8 @@ class BucketCounts:
             return self
         return BucketCounts(
             *(max(0.0, a - b) for a, b in (
-                (self.requests, base.requests), (self.accepted, base.accepted), (self.drafted, base.drafted),
+                (self.requests, base.requests), (self.attributed, base.attributed),
+                (self.accepted, base.accepted), (self.drafted, base.drafted),
                 (self.steps, base.steps), (self.accepted_all, base.accepted_all),
                 (self.steps_all, base.steps_all),
             )),
@@ -106,6 +108,9 @@ class TapHealth:
     windows: Mapping[float, Mapping[BucketKey, BucketCounts]] = field(default_factory=lambda: MappingProxyType({}))
     spans: Mapping[float, float] = field(default_factory=lambda: MappingProxyType({}))
     ticks: int = 0
+    # Buckets that ever had a request with vLLM's per-request metrics: the ones a verdict is given for
+    # (``insufficient_data`` while their window is too thin), so a bucket never seen with drafts gets none.
+    judged: frozenset[BucketKey] = frozenset()
 
 
 class TapWindows:
@@ -131,7 +136,8 @@ class TapWindows:
             windows[window] = MappingProxyType(
                 {key: now.minus(base.totals.get(key)) for key, now in sorted(last.totals.items())}
             )
-        return TapHealth(MappingProxyType(windows), MappingProxyType(spans), ticks)
+        judged = frozenset(key for key, totals in last.totals.items() if totals.attributed > 0)
+        return TapHealth(MappingProxyType(windows), MappingProxyType(spans), ticks, judged)
 
 
 class TapMonitor:

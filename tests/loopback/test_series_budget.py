@@ -15,9 +15,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from conftest import FIXTURES, ReplayVllm, wait_for
+from fakes import FIXTURES, ReplayVllm, wait_for
 from sidecar.app import PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
+from sidecar.calibration import Calibration, Level, ModelCalibration, dumps
 from sidecar.config import build_settings
 from sidecar.decision import histogram_quantile
 from sidecar.tap.metrics import ACCEPTANCE_BUCKETS, UNREAD_BUCKET
@@ -25,7 +26,7 @@ from sidecar.tap.metrics import ACCEPTANCE_BUCKETS, UNREAD_BUCKET
 pytestmark = pytest.mark.timeout(90)
 
 LIMIT = 600
-SCALING = Path(__file__).parent.parent / "docs" / "scaling.md"
+SCALING = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 # What Prometheus sends when it scrapes (it gets OpenMetrics from prometheus_client).
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                      "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
@@ -75,12 +76,17 @@ def test_budget_rows_add_up_to_the_limit():
     assert sum(table.values()) <= LIMIT, sum(table.values())
 
 
-async def test_sidecar_page_stays_within_the_budget(aiohttp_client):
+async def test_sidecar_page_stays_within_the_budget(aiohttp_client, tmp_path):
     upstream = ProgressingVllm()
     await upstream.start()
+    # calibrated, so the modelled speed-ups are on the page too: the worst case
+    calibration = tmp_path / "calibration.json"
+    calibration.write_text(dumps(Calibration({"tiny-target": ModelCalibration(
+        "tiny-target", "draft_model", 4, (Level(1, 0.1, 0.05, 0.15, 0.1, 4),), "0.32.0", "2026-12-04T18:00:00Z")})))
     try:
         settings = build_settings(upstream=upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s",
-                                  proxy_port=0, proxy_host="127.0.0.1", models="tiny-target", min_drafts=1)
+                                  proxy_port=0, proxy_host="127.0.0.1", models="tiny-target", min_drafts=1,
+                                  calibration=str(calibration))
         assert settings.temperature_buckets == TemperatureBuckets()  # the default edges
         client = await aiohttp_client(create_app(settings, CollectorRegistry()))
         proxy = f"http://127.0.0.1:{client.app[PROXY_PORT]}/v1/completions"
@@ -107,7 +113,8 @@ async def test_sidecar_page_stays_within_the_budget(aiohttp_client):
         async def complete() -> bool:
             """Every family that can appear has appeared: the worst case, not an idle page."""
             counts = count_families(await page(), openmetrics=True)
-            return (counts["specdec_bucket_verdict"] == 32 and counts["specdec_bucket_acceptance_rate"] == 24
+            return (counts["specdec_bucket_verdict"] == 32 and counts["specdec_bucket_acceptance_rate"] == 8
+                    and counts["specdec_bucket_modelled_speedup"] == 8 and counts["specdec_modelled_speedup"] == 1
                     and counts["specdec_acceptance_rate"] == 3 and counts["specdec_position_acceptance_rate"] == 12)
 
         await wait_for(complete, timeout=30, what="every derived family on the page")

@@ -121,11 +121,13 @@ def test_buckets_use_their_models_thresholds_and_their_own_drafts_per_step():
         ("m", "0"): BucketCounts(requests=20, accepted=140, drafted=200, steps=50),
         ("m", "0.7-1.0"): BucketCounts(requests=20, accepted=2, drafted=200, steps=50),
         ("other", "0"): BucketCounts(requests=20, accepted=120, drafted=200, steps=50),
-    })}), MappingProxyType({WINDOW: WINDOW}))
+        ("m", "unread"): BucketCounts(requests=3),
+    })}), MappingProxyType({WINDOW: WINDOW}), judged=frozenset({("m", "0"), ("m", "0.7-1.0"), ("other", "0")}))
     result = assess(upstream(), tap, calibration(levels=(level(1, 0.12),)), settings())
     assert result.buckets[("m", "0")].verdict is Verdict.USE
     assert result.buckets[("m", "0.7-1.0")].verdict is Verdict.DISABLE
     assert result.buckets[("m", "0")].modelled_speedup == pytest.approx((1 + 140 / 50) / (1 + 0.12 * 4))
+    assert ("m", "unread") not in result.buckets  # never had vLLM's per-request metrics: no verdict at all
     # a model the calibration does not name keeps the defaults: 0.6 is near break-even
     assert result.buckets[("other", "0")].verdict is Verdict.NEAR_BREAK_EVEN
     assert result.thresholds["other"].source == "default"
@@ -133,7 +135,8 @@ def test_buckets_use_their_models_thresholds_and_their_own_drafts_per_step():
 
 def test_tap_verdicts_keep_the_last_load_while_vllm_is_unreachable():
     tap = TapHealth(MappingProxyType({WINDOW: MappingProxyType({
-        ("m", "0"): BucketCounts(requests=20, accepted=30, drafted=200, steps=50)})}), MappingProxyType({}))
+        ("m", "0"): BucketCounts(requests=20, accepted=30, drafted=200, steps=50)})}), MappingProxyType({}),
+        judged=frozenset({("m", "0")}))
     down = MonitorState(up=False, scrapes=9, load=MappingProxyType({"m": 8.0}))
     cal = calibration(levels=(level(1, 0.05), level(8, 0.3)))
     result = assess(down, tap, cal, settings())

@@ -15,7 +15,7 @@ from sidecar.tap.observe import Outcome, RequestInfo, SpecStats, read_request
 
 def metrics() -> tuple[RequestMetrics, CollectorRegistry]:
     registry = CollectorRegistry()
-    return RequestMetrics(registry, TemperatureBuckets(), ModelNames(["tiny-target"]), history=600), registry
+    return RequestMetrics(registry, TemperatureBuckets(), ModelNames(["tiny-target"])), registry
 
 
 def done(m: RequestMetrics, info: RequestInfo, spec: SpecStats | None = None, stream: bool = False,
