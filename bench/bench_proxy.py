@@ -40,6 +40,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devstack.vllm_server import free_port  # noqa: E402
 PAD = "x" * 200
 # Each event has the field layout of a real vLLM 0.32 chat chunk (tests/fixtures/chat-stream.sse: ~320
 # bytes, a short token, usage in every chunk), with the write stamp as its first field. (Runs before
@@ -50,12 +53,6 @@ EVENT = ('data: {{"t":{t},"id":"chatcmpl-924a0b139de023f5","object":"chat.comple
          '"model":"m","choices":[{{"index":0,"delta":{{"content":"{token}"}},"logprobs":null,"finish_reason":null,'
          '"token_ids":null}}],"usage":{{"prompt_tokens":3,"total_tokens":{total},"completion_tokens":{done},'
          '"completion_tokens_details":null}}}}\n\n')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- upstream (runs in its own process) ---------------------------------------------------------------

@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devstack.vllm_server import free_port  # noqa: E402
 from sidecar.upstream.derive import advance, derive  # noqa: E402
 from sidecar.upstream.vllm_metrics import read_vllm_metrics  # noqa: E402
 
@@ -120,7 +121,7 @@ def sidecar_cpu_share(text: str, seconds: float) -> dict:
     _Static.body = text.encode()
     upstream = ThreadingHTTPServer(("127.0.0.1", 0), _Static)
     threading.Thread(target=upstream.serve_forever, daemon=True).start()
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar", "serve", "--upstream", f"http://127.0.0.1:{upstream.server_port}",
          "--metrics-host", "127.0.0.1", "--metrics-port", str(port), "--scrape-interval", "5s",
@@ -160,14 +161,6 @@ def _sample(page: str, series: str) -> float | None:
         if line.startswith(series + " "):
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

@@ -15,12 +15,9 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
-from conftest import serve_loopback, wait_for
+from fakes import serve_loopback, start_sidecar, wait_for
 from devstack.alerting_stack import AlertingStack
-from sidecar.app import MONITOR, PROXY_PORT, create_app
-from sidecar.config import build_settings
 from sidecar.commands.top import fetch_alerts
 
 # vLLM start-up (35-100 s on 2 cores) counts against the per-test timeout: bound these tests separately.
@@ -56,16 +53,6 @@ class Receiver:
         self.runner, self.port = await serve_loopback(app)
 
 
-async def start_sidecar(upstream: str) -> tuple[web.AppRunner, int, int, CollectorRegistry]:
-    registry = CollectorRegistry()
-    settings = build_settings(upstream=upstream, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m",
-                              verdict_window="1m", proxy_port=0, proxy_host="127.0.0.1", min_drafts=1)
-    app = create_app(settings, registry)
-    runner, port = await serve_loopback(app)
-    await wait_for(lambda: app[MONITOR].state.up, timeout=30)
-    return runner, port, app[PROXY_PORT], registry
-
-
 async def traffic(session, proxy: str, temperature: float, workers: int, seconds: float, log: list | None):
     deadline = time.monotonic() + seconds
 
@@ -93,11 +80,11 @@ async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
         pytest.fail("prometheus and prometheus-alertmanager are not installed (make test installs them)")
     receiver = Receiver()
     await receiver.start()
-    sidecars = [await start_sidecar(selfdraft_vllm.url) for _ in range(2)]
+    sidecars = [await start_sidecar(selfdraft_vllm.url, wait_up=True) for _ in range(2)]
 
     stack = AlertingStack(
         workdir=tmp_path,
-        targets=[f"127.0.0.1:{port}" for _, port, _, _ in sidecars],
+        targets=[f"127.0.0.1:{s.port}" for s in sidecars],
         pagerduty_url=f"http://127.0.0.1:{receiver.port}/v2/enqueue",
         webhook_url=f"http://127.0.0.1:{receiver.port}/specdec",
         routing_key=ROUTING_KEY,
@@ -118,7 +105,7 @@ async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
             # Phase 1 (fleet case + trigger): sampled traffic in bucket 0.3-0.5, three times as much through A.
             seen_a: list[dict] = []
             seen_b: list[dict] = []
-            proxies = [f"http://127.0.0.1:{proxy}" for _, _, proxy, _ in sidecars]
+            proxies = [s.proxy_url for s in sidecars]
             await asyncio.gather(traffic(session, proxies[0], 0.4, 3, 20, seen_a),
                                  traffic(session, proxies[1], 0.45, 1, 20, seen_b))
             await asyncio.sleep(3)  # two scrapes and evaluations after the last request
@@ -134,9 +121,9 @@ async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
                   f"({len(seen_a)} + {len(seen_b)} requests, {accepted}/{drafted})")
             assert fleet == pytest.approx(truth, abs=0.01)
             # every per-request number reached the sidecars' counters exactly
-            for (_, _, _, registry), seen in zip(sidecars, (seen_a, seen_b)):
+            for sidecar, seen in zip(sidecars, (seen_a, seen_b)):
                 labels = {"model": "tiny-target", "temperature_bucket": "0.3-0.5", "source": "vllm"}
-                assert registry.get_sample_value("specdec_request_accepted_tokens_total", labels) == sum(
+                assert sidecar.registry.get_sample_value("specdec_request_accepted_tokens_total", labels) == sum(
                     s["num_accepted_draft_tokens"] for s in seen)
 
             # The break-even page specifically: with every for: shortened to seconds, SpecDecodeSidecarAbsent can
@@ -179,6 +166,6 @@ async def test_page_on_break_even_and_resolve(selfdraft_vllm, tmp_path):
             assert all(a["labels"]["severity"] != "critical" for m in receiver.webhook for a in m["alerts"])
     finally:
         stack.stop()
-        for runner, _, _, _ in sidecars:
-            await runner.cleanup()
+        for sidecar in sidecars:
+            await sidecar.stop()
         await receiver.runner.cleanup()

@@ -32,15 +32,11 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
-from aiohttp import web
-from prometheus_client import CollectorRegistry
 
-from conftest import serve_loopback, wait_for
+from fakes import free_port, start_sidecar, wait_for
 from devstack.alerting_stack import find_binary, shorten_rules
-from devstack.vllm_server import REPO, free_port
-from sidecar.app import MONITOR, PROXY_PORT, create_app
-from sidecar.config import build_settings
-from test_status_page import Page, assert_self_contained, dump_dom, percent, screenshot
+from devstack.vllm_server import REPO
+from browser import Page, assert_self_contained, dump_dom, percent, screenshot
 from tools.dashboards import DASHBOARDS, panels_of
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600), pytest.mark.asyncio(loop_scope="module")]
@@ -100,16 +96,6 @@ async def api(session: aiohttp.ClientSession, url: str, path: str, **params) -> 
     return body["data"]
 
 
-async def start_sidecar(upstream: str) -> tuple[web.AppRunner, web.Application, int, int, CollectorRegistry]:
-    registry = CollectorRegistry()
-    settings = build_settings(upstream=upstream, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m",
-                              verdict_window="1m", proxy_port=0, proxy_host="127.0.0.1", min_drafts=1)
-    app = create_app(settings, registry)
-    runner, port = await serve_loopback(app)
-    await wait_for(lambda: app[MONITOR].state.up, timeout=30, what="the sidecar reading vLLM")
-    return runner, app, port, app[PROXY_PORT], registry
-
-
 async def traffic(session, proxy: str, temperature: float, workers: int, seconds: float) -> int:
     deadline = time.monotonic() + seconds
     done = 0
@@ -133,8 +119,8 @@ async def traffic(session, proxy: str, temperature: float, workers: int, seconds
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(selfdraft_vllm, tmp_path_factory):
     """Two sidecars over one real vLLM, a real Prometheus scraping them, and traffic already sent."""
-    sidecars = {pod: await start_sidecar(selfdraft_vllm.url) for pod in PODS}
-    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), {pod: s[2] for pod, s in sidecars.items()})
+    sidecars = {pod: await start_sidecar(selfdraft_vllm.url, wait_up=True) for pod in PODS}
+    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), {pod: s.port for pod, s in sidecars.items()})
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
     try:
         async def scraping() -> bool:
@@ -146,7 +132,7 @@ async def stack(selfdraft_vllm, tmp_path_factory):
 
         await wait_for(scraping, timeout=60, what="Prometheus scraping both sidecars")
         started = time.time()
-        proxies = {pod: f"http://127.0.0.1:{s[3]}" for pod, s in sidecars.items()}
+        proxies = {pod: s.proxy_url for pod, s in sidecars.items()}
         # greedy alone first (the self-draft accepts it), then sampled traffic in two buckets on both pods
         sent = await traffic(session, proxies["sidecar-a"], 0.0, 1, 10)
         sent += sum(await asyncio.gather(traffic(session, proxies["sidecar-a"], 0.9, 2, 12),
@@ -164,8 +150,8 @@ async def stack(selfdraft_vllm, tmp_path_factory):
     finally:
         await session.close()
         prometheus.stop()
-        for runner, *_ in sidecars.values():
-            await runner.cleanup()
+        for sidecar in sidecars.values():
+            await sidecar.stop()
 
 
 def grafana_regex(values: list[str], all_values: bool) -> str:
@@ -265,8 +251,9 @@ async def test_every_panel_query_runs_and_returns_data(stack):
 
 
 async def test_status_page_in_chromium_with_real_vllm_traffic(stack, tmp_path):
-    runner, app, port, _, registry = stack["sidecars"]["sidecar-a"]
-    url = f"http://127.0.0.1:{port}/"
+    sidecar = stack["sidecars"]["sidecar-a"]
+    registry = sidecar.registry
+    url = sidecar.url + "/"
     text = await dump_dom(url)
     page = Page(text)
     assert_self_contained(page, text)

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import start_vllm, wait_for
-from hostile import HostileRelay
+from conftest import start_vllm
+from fakes import HostileRelay, wait_for
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings

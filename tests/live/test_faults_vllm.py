@@ -31,11 +31,10 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import serve_loopback, start_vllm, wait_for
+from conftest import start_vllm
+from fakes import start_sidecar, wait_for
 from devstack.alerting_stack import AlertingStack
 from devstack.vllm_server import REPO
-from sidecar.app import MONITOR, PROXY_PORT, create_app
-from sidecar.config import build_settings
 from sidecar.upstream.vllm_metrics import read_vllm_metrics
 
 MODEL = "tiny-target"
@@ -76,17 +75,6 @@ def vllm(tmp_path_factory):
         server.stop()
 
 
-async def start_sidecar(upstream: str, **overrides) -> tuple:
-    registry = CollectorRegistry()
-    options = dict(upstream=upstream, scrape_interval="0.5s", scrape_timeout="0.5s", windows="1m",
-                   verdict_window="1m", proxy_port=0, proxy_host="127.0.0.1", min_drafts=1,
-                   upstream_connect_timeout="2s")
-    options.update(overrides)
-    app = create_app(build_settings(**options), registry)
-    runner, port = await serve_loopback(app)
-    return runner, port, app, registry
-
-
 async def vllm_gauges(session: aiohttp.ClientSession, url: str) -> tuple[float, float]:
     """(num_requests_running, generation_tokens_total) straight from vLLM's /metrics."""
     async with session.get(url + "/metrics") as r:
@@ -112,8 +100,8 @@ async def test_upstream_starting_gets_clean_errors_quickly():
     results = {}
     try:
         for name, port in (("bound, not listening yet", starting.getsockname()[1]), ("nobody on the port", nobody)):
-            runner, _, app, _ = await start_sidecar(f"http://127.0.0.1:{port}")
-            proxy = f"http://127.0.0.1:{app[PROXY_PORT]}"
+            sidecar = await start_sidecar(f"http://127.0.0.1:{port}", upstream_connect_timeout="2s")
+            proxy = sidecar.proxy_url
             try:
                 async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
                     statuses, slowest = [], 0.0
@@ -127,7 +115,7 @@ async def test_upstream_starting_gets_clean_errors_quickly():
                         assert body["error"]["code"] == r.status
                     results[name] = (statuses, round(slowest, 4))
             finally:
-                await runner.cleanup()
+                await sidecar.stop()
     finally:
         starting.close()
     print(f"\nupstream not serving yet: {results}")
@@ -139,8 +127,8 @@ async def test_upstream_starting_gets_clean_errors_quickly():
 # --- client aborts mid-stream ---------------------------------------------------------------------------
 
 async def test_client_abort_mid_stream_aborts_in_vllm(vllm):
-    runner, _, app, registry = await start_sidecar(vllm.url)
-    proxy = f"http://127.0.0.1:{app[PROXY_PORT]}"
+    sidecar = await start_sidecar(vllm.url, upstream_connect_timeout="2s")
+    proxy, registry = sidecar.proxy_url, sidecar.registry
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             body = {"model": MODEL, "prompt": "def main(", "max_tokens": 400, "ignore_eos": True,
@@ -179,7 +167,7 @@ async def test_client_abort_mid_stream_aborts_in_vllm(vllm):
             assert generated_after - generated_before < 400, "vLLM generated the whole completion for nobody"
             assert generated_later == generated_after, "vLLM kept generating after the hang-up"
     finally:
-        await runner.cleanup()
+        await sidecar.stop()
 
 
 # --- vLLM killed and restarted under traffic ------------------------------------------------------------
@@ -196,10 +184,9 @@ def specdec_counters(registry: CollectorRegistry) -> dict[tuple, float]:
 async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     if not AlertingStack.available():
         pytest.fail("prometheus and prometheus-alertmanager are not installed (make test installs them)")
-    runner, port, app, registry = await start_sidecar(vllm.url)
-    proxy = f"http://127.0.0.1:{app[PROXY_PORT]}"
-    monitor = app[MONITOR]
-    stack = AlertingStack(workdir=tmp_path, targets=[f"127.0.0.1:{port}"], pagerduty_url="http://127.0.0.1:9/",
+    sidecar = await start_sidecar(vllm.url, upstream_connect_timeout="2s")
+    proxy, registry, monitor = sidecar.proxy_url, sidecar.registry, sidecar.monitor
+    stack = AlertingStack(workdir=tmp_path, targets=[f"127.0.0.1:{sidecar.port}"], pagerduty_url="http://127.0.0.1:9/",
                           webhook_url="http://127.0.0.1:9/", namespace="faults", fast_window="30s", fast_for="5m")
     stack.start()
     prom = stack.prometheus_url
@@ -333,7 +320,7 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     finally:
         stop.set()
         stack.stop()
-        await runner.cleanup()
+        await sidecar.stop()
         print()
         for t, what, value in timeline:
             print(f"  {t:7.1f}s  {what}" + ("" if value is None else f": {value}"))

@@ -26,7 +26,7 @@ import yaml
 from sidecar.cli import _settings_from, build_parser
 from sidecar.config import Settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specdec-sidecar"
 DEPLOY = ROOT / "deploy"
 TOOLS = ROOT / ".tools" / "bin"

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from fakes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "image"
 BASE_TAR = CACHE / "debian-bookworm-python3.tar"
 IMAGE = "localhost/specdec-sidecar:test"
@@ -148,12 +149,6 @@ def container(image):
     yield name
     subprocess.run(["buildah", "umount", name], capture_output=True, timeout=60, check=False)
     subprocess.run(["buildah", "rm", name], capture_output=True, timeout=60, check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(1500)

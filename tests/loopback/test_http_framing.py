@@ -15,83 +15,16 @@ import re
 
 import pytest
 
+from fakes import Recorder, Scripted, read_chunked, read_head
 from sidecar.tap.proxy import Proxy
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def request_done(self, info, outcome, started, ended) -> None:
-        self.calls.append((info, outcome))
-
-
-class Scripted:
-    """An upstream that parses each request (Content-Length or chunked body) and answers via ``answer``."""
-
-    def __init__(self, answer) -> None:
-        self.answer = answer
-        self.requests: list[tuple[bytes, dict[str, str], bytes]] = []
-        self.connections = 0
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                line, headers = await read_head(reader)
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    body = await read_chunked(reader)
-                else:
-                    body = await reader.readexactly(int(headers.get("content-length", "0")))
-                self.requests.append((line, headers, body))
-                keep = await self.answer(line, headers, body, writer)
-                await writer.drain()
-                if not keep:
-                    return
-        except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def __aenter__(self) -> Scripted:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.server.close()
 
 
 async def ok(line, headers, body, writer) -> bool:
     data = b'{"path":"' + line.split(b" ")[1] + b'","len":%d}' % len(body)
     writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
     return True
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]]:
-    """A request or response head: (first line, headers by lower-case name)."""
-    lines = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).split(b"\r\n")
-    headers = {}
-    for line in lines[1:]:
-        if b":" in line:
-            key, _, val = line.partition(b":")
-            headers[key.strip().lower().decode()] = val.strip().decode("latin-1")
-    return lines[0], headers
-
-
-async def read_chunked(reader: asyncio.StreamReader) -> bytes:
-    """A chunked body, decoded (no trailers)."""
-    body = b""
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
-        chunk = await reader.readexactly(size + 2)
-        if size == 0:
-            return body
-        body += chunk[:-2]
 
 
 async def read_response(reader: asyncio.StreamReader, head_only: bool = False) -> tuple[bytes, dict, bytes]:

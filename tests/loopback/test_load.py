@@ -21,8 +21,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bench.bench_load import SidecarProcess, Upstream, raise_fd_limit, run_slow_clients, run_streams, settle_fds
-from conftest import serve_loopback, wait_for
+from fakes import (
+    LoadUpstream,
+    SidecarProcess,
+    raise_fd_limit,
+    run_slow_clients,
+    run_streams,
+    serve_loopback,
+    settle_fds,
+    wait_for,
+)
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.config import build_settings
 
@@ -41,7 +49,7 @@ def kernel_buffer_max(name: str) -> int:
 @pytest.fixture
 async def upstream():
     raise_fd_limit()
-    server = Upstream(interval=0.05)
+    server = LoadUpstream(interval=0.05)
     await server.start()
     yield server
     await server.stop()

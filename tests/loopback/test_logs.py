@@ -10,8 +10,7 @@ import sys
 
 import aiohttp
 
-from conftest import ReplayVllm
-from devstack.vllm_server import free_port
+from fakes import ReplayVllm, free_port
 from sidecar.logs import RateLimited, RateLimitFilter, configure_logging
 
 

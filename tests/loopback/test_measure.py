@@ -39,7 +39,7 @@ from sidecar.decision import (
     sample_quantile,
     speculative_speedup,
 )
-from conftest import FIXTURES, serve_loopback
+from fakes import FIXTURES, serve_loopback
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

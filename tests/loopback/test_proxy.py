@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
-from fakes import FIXTURES, wait_for
+from fakes import FIXTURES, RawUpstream, Recorder, wait_for
 from sidecar.app import PROXY_PORT, create_app
 from sidecar.config import build_settings
 from sidecar.logs import configure_logging
@@ -233,113 +233,6 @@ def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers():
     assert b"Content-Length: 3" not in end_to_end(headers, REQUEST_ONLY_DROP)
 
 
-# --- a raw upstream for what aiohttp's server would not do ----------------------------------------------
-
-class RawUpstream:
-    """A minimal HTTP/1.1 upstream on raw sockets (no server-side decompression, exact bytes):
-
-    * ``X-Mode: echo``: answers the SHA-256 and length of the body exactly as it arrived, and its headers;
-    * ``X-Mode: stream-error``: a 200 event stream with two content chunks and then vLLM's error event;
-    * ``X-Mode: big``: a 200 event stream of ``big`` bytes written as fast as the client takes them;
-    * ``X-Mode: slow``: a 200 event stream of 40 small events 50 ms apart;
-    * ``X-Mode: hold``: reads the request and never answers (until the client goes away);
-    * otherwise the recorded non-streamed completion.
-
-    ``keepalive``: a connection idle that long is closed by the server, but the client only notices when its
-    next request arrives (the close and the request cross on the wire, as with uvicorn under load): such a
-    request is dropped unanswered and counted in ``stale``.
-    """
-
-    def __init__(self, keepalive: float | None = None, big: int = 32 * 1024 * 1024) -> None:
-        self.keepalive = keepalive
-        self.big = big
-        self.stale = 0
-        self.answered = 0
-        self.connections = 0
-        self.server: asyncio.base_events.Server | None = None
-        self.port = 0
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        loop = asyncio.get_running_loop()
-        idle_since = loop.time()
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                if self.keepalive is not None and loop.time() - idle_since >= self.keepalive:
-                    self.stale += 1
-                    writer.transport.abort()
-                    return
-                lines = head.decode("latin-1").split("\r\n")
-                headers = {}
-                for line in lines[1:]:
-                    if ":" in line:
-                        key, _, val = line.partition(":")
-                        headers[key.strip().lower()] = val.strip()
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                mode = headers.get("x-mode", "")
-                if mode == "hold":
-                    await reader.read()
-                    return
-                if mode == "echo":
-                    data = json.dumps({"sha256": hashlib.sha256(body).hexdigest(), "len": len(body),
-                                       "headers": headers}).encode()
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                                 % len(data) + data)
-                elif mode in ("stream-error", "big", "slow"):
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                                 b"Transfer-Encoding: chunked\r\n\r\n")
-                    if mode == "stream-error":
-                        events = [b'data: {"id":"c","object":"text_completion","model":"tiny-target","choices":'
-                                  b'[{"index":0,"text":"a","finish_reason":null}]}\n\n'] * 2 + [
-                            b'data: {"error":{"message":"engine died","type":"InternalServerError","code":500}}\n\n',
-                            b"data: [DONE]\n\n"]
-                    elif mode == "slow":
-                        events = [b'data: {"choices":[{"index":0,"text":"x"}]}\n\n'] * 40
-                    else:
-                        piece = b'data: {"choices":[{"index":0,"text":"' + b"x" * 4000 + b'"}]}\n\n'
-                        events = [piece] * (self.big // len(piece))
-                    for event in events:
-                        writer.write(b"%x\r\n" % len(event) + event + b"\r\n")
-                        await writer.drain()
-                        if mode == "slow":
-                            await asyncio.sleep(0.05)
-                    writer.write(b"0\r\n\r\n")
-                else:
-                    data = (FIXTURES / "completion-nonstream.json").read_bytes()
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                                 % len(data) + data)
-                await writer.drain()
-                self.answered += 1
-                idle_since = loop.time()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-class CountingRecorder:
-    """Records every ``request_done`` call, so a test can check each request is recorded exactly once."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def request_done(self, info, outcome, started, ended) -> None:
-        self.calls.append((info, outcome))
-
-
 async def start_proxy(upstream_url: str, recorder, keepalive: float = 4.0, max_observed_body: int = 1 << 20,
                       budget: int | None = None):
     """The proxy alone, in this loop, in front of *upstream_url*; returns (proxy, base URL)."""
@@ -376,7 +269,7 @@ async def _spaced_posts(base: str, spacing: float, count: int) -> list[int]:
 async def test_idle_upstream_connections_retire_before_the_upstream_closes_them():
     upstream = RawUpstream(keepalive=0.4)
     await upstream.start()
-    proxy, base = await start_proxy(upstream.url, CountingRecorder(), keepalive=0.25)
+    proxy, base = await start_proxy(upstream.url, Recorder(), keepalive=0.25)
     try:
         statuses = await _spaced_posts(base, 0.45, 5)
     finally:
@@ -390,7 +283,7 @@ async def test_idle_upstream_connections_retire_before_the_upstream_closes_them(
 async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_again_once():
     upstream = RawUpstream(keepalive=0.2)  # shorter than the proxy's keep-alive: the race is forced
     await upstream.start()
-    recorder = CountingRecorder()
+    recorder = Recorder()
     proxy, base = await start_proxy(upstream.url, recorder, keepalive=4.0, max_observed_body=1024)
     try:
         statuses = await _spaced_posts(base, 0.3, 5)
@@ -414,7 +307,7 @@ async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
 
     hostile_vllm = HostileVllm(keepalive=0.3)
     await hostile_vllm.start()
-    proxy, base = await start_proxy(hostile_vllm.url, CountingRecorder(), keepalive=0.25)
+    proxy, base = await start_proxy(hostile_vllm.url, Recorder(), keepalive=0.25)
     statuses = []
     try:
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-hostile"}) as client:
@@ -434,7 +327,7 @@ async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
 @pytest.fixture
 async def counted(raw_upstream):
     """The proxy alone in front of RawUpstream, with a recorder that counts."""
-    recorder = CountingRecorder()
+    recorder = Recorder()
     proxy, base = await start_proxy(raw_upstream.url, recorder)
     counted = type("Counted", (), {"recorder": recorder, "base": base, "proxy": proxy, "upstream": raw_upstream})
     yield counted
@@ -547,7 +440,7 @@ async def test_upstream_unreachable_is_recorded_once_and_logged_rate_limited(cap
     from fakes import free_port
 
     configure_logging("json", "info")
-    recorder = CountingRecorder()
+    recorder = Recorder()
     proxy, base = await start_proxy(f"http://127.0.0.1:{free_port()}", recorder)
     try:
         async with aiohttp.ClientSession() as client:
@@ -628,7 +521,7 @@ async def test_error_event_after_a_200_is_counted_as_stream_error(aiohttp_client
 async def test_request_bodies_beyond_the_shared_budget_pass_through_unobserved(raw_upstream):
     """Each observed body is held once, charged to one budget for all in-flight requests; beyond the budget
     a body streams through untouched and the request is counted as body_too_large."""
-    recorder = CountingRecorder()
+    recorder = Recorder()
     proxy, base = await start_proxy(raw_upstream.url, recorder, max_observed_body=4096,
                                                      budget=6000)
     body = json.dumps({"model": "m", "prompt": "z" * 3500}).encode()

@@ -10,9 +10,9 @@ from sidecar.config import Settings, build_settings
 from sidecar.upstream.derive import advance, derive
 from sidecar.upstream.monitor import MonitorState, OwnMetrics
 from sidecar.upstream.vllm_metrics import read_vllm_metrics
-from conftest import fixture_text
+from fakes import fixture_text
 
-README = (Path(__file__).parent.parent / "README.md").read_text()
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_every_setting_has_a_row():

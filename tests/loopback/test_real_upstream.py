@@ -11,8 +11,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from conftest import fixture_text, serve_loopback, wait_for
-from hostile import HostileVllm, data_parallel_page
+from fakes import HostileVllm, data_parallel_page, fixture_text, serve_loopback, wait_for
 from sidecar.app import MODEL_NAMES, MONITOR, PROXY_PORT, create_app
 from sidecar.config import build_settings
 from sidecar.model_names import ModelNames, served_names

@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import FakeVllm, fixture_text, wait_for
+from fakes import FakeVllm, fixture_text, wait_for
 from sidecar.app import MONITOR, create_app
 from sidecar.config import build_settings
 from sidecar.upstream.vllm_metrics import read_vllm_metrics

@@ -20,7 +20,7 @@ import time
 import aiohttp
 import pytest
 
-from bench.bench_load import SidecarProcess, Upstream, free_port, raise_fd_limit
+from fakes import LoadUpstream, SidecarProcess, free_port, raise_fd_limit
 
 pytestmark = pytest.mark.timeout(180)
 REQUEST = {"model": "tiny-target", "prompt": "p", "temperature": 0, "stream": True, "stream_id": 1, "events": 3}
@@ -29,7 +29,7 @@ REQUEST = {"model": "tiny-target", "prompt": "p", "temperature": 0, "stream": Tr
 @pytest.fixture
 async def upstream():
     raise_fd_limit()
-    server = Upstream(interval=0.01)
+    server = LoadUpstream(interval=0.01)
     await server.start()
     yield server
     await server.stop()

@@ -7,7 +7,7 @@ import sys
 from prometheus_client import generate_latest
 from rich.console import Console
 
-from conftest import FIXTURES, wait_for
+from fakes import FIXTURES, wait_for
 from sidecar.app import MONITOR
 from sidecar.upstream.exposition import parse
 from sidecar.decision import histogram_quantile

@@ -20,8 +20,8 @@ import pytest
 from sidecar.cli import main
 from sidecar.upstream.exposition import parse
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURES = Path(__file__).parent / "fixtures" / "plan"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures" / "plan"
 CONFIGS = FIXTURES / "configs"
 MODELS = REPO / "models"
 MANIFEST = json.loads((FIXTURES / "MANIFEST.json").read_text())

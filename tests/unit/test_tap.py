@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import FIXTURES
+from fakes import FIXTURES
 from sidecar.tap.observe import BodyObserver, Outcome, SseObserver, read_request
 
 

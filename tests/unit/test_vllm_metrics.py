@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import fixture_text
+from fakes import fixture_text
 from sidecar.upstream.vllm_metrics import read_vllm_metrics
 
 
