@@ -1,4 +1,4 @@
-"""The Helm chart (helm/specdec-sidecar) and the patch files for existing Deployments (deploy/), checked with
+"""The Helm chart (helm/specdec-sidecar), checked with
 the real tools: helm 3.17 and kubectl 1.30 (``make k8s-tools``), kubernetes-validate's strict 1.30 schemas for
 core objects, the Prometheus Operator's CRD schemas (from cloudcoil-models-prometheus-operator, made strict:
 unknown fields fail as `kubectl apply --validate=strict` would) and again with the validators
@@ -28,7 +28,6 @@ from sidecar.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specdec-sidecar"
-DEPLOY = ROOT / "deploy"
 TOOLS = ROOT / ".tools" / "bin"
 HELM = os.environ.get("HELM") or str(TOOLS / "helm")
 KUBECTL = os.environ.get("KUBECTL") or str(TOOLS / "kubectl")
@@ -490,6 +489,28 @@ def test_no_service_port_reaches_vllm(scenario):
 
 
 @pytest.mark.parametrize("scenario", ["default", "all-toggles", "gpu"])
+def test_port_takeover(scenario):
+    """The sidecar serves the public port under its name (`http`, the Service's target), vLLM listens on
+    127.0.0.1:vllm.port (8001 by default) and the sidecar's --upstream points there; a vllm.port that is one
+    of the sidecar's ports fails the render."""
+    docs = render(scenario)
+    spec = pod_spec(docs)
+    sidecar = container(spec, "specdec-sidecar")
+    settings = sidecar_settings(sidecar["args"])
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert settings.proxy_port == ports["http"] == 8000
+    [public] = [p for p in only(docs, "Service")["spec"]["ports"] if p["name"] == "http"]
+    assert public["targetPort"] == "http"
+    vllm_args = container(spec, "vllm")["args"]
+    assert settings.upstream == f"http://127.0.0.1:{vllm_args[vllm_args.index('--port') + 1]}"
+    if scenario == "default":
+        assert vllm_args[vllm_args.index("--port") + 1] == "8001"
+    for taken in ("8000", "9464"):
+        bad = helm_template("--set", f"vllm.port={taken}", check=False)
+        assert bad.returncode != 0 and "needs a loopback port of its own" in bad.stderr
+
+
+@pytest.mark.parametrize("scenario", ["default", "all-toggles", "gpu"])
 def test_vllm_args_always_enable_per_request_metrics(scenario):
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     if SCENARIOS[scenario]:
@@ -554,7 +575,7 @@ def _vllm_python() -> Path | None:
 @pytest.mark.skipif(_vllm_python() is None, reason="vLLM's virtualenv (make vllm) or models/ missing")
 def test_vllm_accepts_the_rendered_args(tmp_path):
     """vLLM 0.32's own argument parser and engine-config validation (no model weights loaded, no server) take
-    the vLLM arguments of every scenario and of the patched Deployment. The model ids are swapped for the
+    the vLLM arguments of every scenario. The model ids are swapped for the
     embedded tiny pair, the only models on this machine; everything else is as rendered."""
 
     def local(args: list[str]) -> list[str]:
@@ -572,26 +593,6 @@ def test_vllm_accepts_the_rendered_args(tmp_path):
         name: local(container(pod_spec(render(name)), "vllm")["args"])
         for name in ("default", "all-toggles", "gpu")
     }
-    deployment = yaml.safe_load_all((DEPLOY / "vllm-deployment.example.yaml").read_text()).__next__()
-    (tmp_path / "d.yaml").write_text(yaml.safe_dump(deployment))
-    patched = run(
-        [
-            KUBECTL,
-            "patch",
-            "--local",
-            "-f",
-            str(tmp_path / "d.yaml"),
-            "--type",
-            "json",
-            "--patch-file",
-            str(DEPLOY / "vllm-args-patch.json"),
-            "-o",
-            "json",
-        ]
-    ).stdout
-    cases["patched-deployment"] = local(
-        json.loads(patched)["spec"]["template"]["spec"]["containers"][0]["args"]
-    )
     # the same check refuses what vLLM refuses: the per-request flag without speculation
     cases["refused"] = [a for a in cases["default"] if a != "--speculative-config" and not a.startswith("{")]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
@@ -606,11 +607,11 @@ def test_vllm_accepts_the_rendered_args(tmp_path):
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
     assert line, proc.stderr[-3000:]
     results = json.loads(line.removeprefix("RESULTS "))
-    for name in ("default", "all-toggles", "gpu", "patched-deployment"):
+    for name in ("default", "all-toggles", "gpu"):
         assert results[name]["ok"], f"{name}: {results[name]}"
         assert results[name]["per_request"] == "summary" and results[name]["force_usage"] is True
     assert results["default"]["spec"] == "ngram" and results["all-toggles"]["spec"] == "draft_model"
-    assert (results["default"]["host"], results["default"]["port"]) == ("127.0.0.1", 8200)
+    assert (results["default"]["host"], results["default"]["port"]) == ("127.0.0.1", 8001)
     assert not results["refused"]["ok"] and "per-request-spec-decode-metrics" in results["refused"]["error"]
 
 
@@ -654,7 +655,7 @@ def test_probes():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = vllm[probe]["exec"]["command"]
         # straight to vLLM's /health on its internal port, from inside the vLLM container (vLLM binds 127.0.0.1)
-        assert command[:2] == ["python3", "-c"] and "http://127.0.0.1:8200/health" in command[2]
+        assert command[:2] == ["python3", "-c"] and "http://127.0.0.1:8001/health" in command[2]
     sidecar = container(spec, "specdec-sidecar")
     assert sidecar["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "specdec-metrics"}
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "specdec-metrics"}
@@ -897,77 +898,3 @@ def test_notes_say_how_to_reach_proxy_metrics_and_status_page(tmp_path):
     assert "PrometheusRule rel-specdec-sidecar" in text and "PagerDuty" in text
     text = notes(*SCENARIOS["monitoring-only"])
     assert "monitoring resources only" in text and "port-forward" not in text
-
-
-# ---------------------------------------------------------------- existing Deployments: the patch files
-
-
-def test_patch_files_add_the_sidecar_to_a_plain_vllm_deployment(tmp_path):
-    import kubernetes_validate
-
-    deployment, service = yaml.safe_load_all((DEPLOY / "vllm-deployment.example.yaml").read_text())
-    (tmp_path / "deployment.yaml").write_text(yaml.safe_dump(deployment))
-    (tmp_path / "service.yaml").write_text(yaml.safe_dump(service))
-
-    def patch(target: Path, kind: str, patch_file: str) -> Path:
-        out = run(
-            [
-                KUBECTL,
-                "patch",
-                "--local",
-                "-f",
-                str(target),
-                "--type",
-                kind,
-                "--patch-file",
-                str(DEPLOY / patch_file),
-                "-o",
-                "yaml",
-            ]
-        ).stdout
-        result = tmp_path / f"{target.stem}+{Path(patch_file).stem}.yaml"
-        result.write_text(out)
-        return result
-
-    patched = patch(
-        patch(tmp_path / "deployment.yaml", "strategic", "sidecar-patch.yaml"), "json", "vllm-args-patch.json"
-    )
-    new_deployment = yaml.safe_load(patched.read_text())
-    new_service = yaml.safe_load(
-        patch(tmp_path / "service.yaml", "strategic", "service-patch.yaml").read_text()
-    )
-    kubernetes_validate.validate(new_deployment, KUBE_VERSION, strict=True)
-    kubernetes_validate.validate(new_service, KUBE_VERSION, strict=True)
-
-    spec = new_deployment["spec"]["template"]["spec"]
-    [sidecar] = spec["initContainers"]
-    assert sidecar["restartPolicy"] == "Always" and sidecar["securityContext"]["readOnlyRootFilesystem"]
-    [vllm] = spec["containers"]
-    assert (
-        vllm["args"][: len(deployment["spec"]["template"]["spec"]["containers"][0]["args"])]
-        == deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    )  # existing args kept
-    assert vllm["args"][-3:] == [
-        "--per-request-spec-decode-metrics",
-        "summary",
-        "--enable-force-include-usage",
-    ]
-    assert {v["name"] for v in spec["volumes"]} == {"dshm", "specdec-tmp"}  # existing volume kept
-
-    settings = sidecar_settings(sidecar["args"])
-    vllm_port = vllm["ports"][0]["containerPort"]
-    assert settings.upstream == f"http://127.0.0.1:{vllm_port}"
-    sidecar_ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
-    assert settings.proxy_port == sidecar_ports["specdec-proxy"]
-    assert settings.metrics_port == sidecar_ports["specdec-metrics"]
-    # the Service's public port now ends at the sidecar, and the metrics port is named for a ServiceMonitor
-    ports = {p["port"]: p for p in new_service["spec"]["ports"]}
-    assert ports[8000]["targetPort"] == "specdec-proxy" and ports[8000]["name"] == "http"
-    assert ports[9464]["targetPort"] == "specdec-metrics" and ports[9464]["name"] == "specdec-metrics"
-    # the chart's monitoring-only PodMonitor finds these pods by the same port name and their labels
-    podmonitor = only(render("monitoring-only"), "PodMonitor")
-    assert (
-        podmonitor["spec"]["selector"]["matchLabels"].items()
-        <= new_deployment["spec"]["template"]["metadata"]["labels"].items()
-    )
-    assert podmonitor["spec"]["podMetricsEndpoints"][0]["port"] in sidecar_ports
