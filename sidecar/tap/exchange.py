@@ -13,8 +13,12 @@ again, and how each failure is counted.
   closed, so it sees a broken response, not a clean short one); the client's body breaking off or its
   connection closing is ``client_disconnected`` (status 499 when no response had started). A failure on
   one side never overwrites the other side's.
-* **Sent again** once, on a new connection, when a *pooled* connection turns out closed before any byte
-  of the response came back and the request's body was buffered whole.
+* **Sent again** once, on a new connection, only when vLLM cannot have acted on it: a buffered request
+  whose connection was found closed before any byte of it was written (``UpstreamError.stage`` ``unsent``),
+  or a request of a safe method (GET, HEAD, OPTIONS) on a *pooled* connection that vLLM closed before
+  answering. A POST that was written is never sent twice: vLLM may have read it and started generating
+  before it died, so the client gets the 502 (as nginx, which retries no non-idempotent request once it
+  was sent). The pool does not hand out a connection vLLM closed while it was idle (``upstream.py``).
 * Every observed request is recorded exactly once (``Recorder.request_done``), whatever path it took.
 """
 
@@ -46,6 +50,9 @@ log = structlog.get_logger("sidecar.tap.exchange")
 
 # The status recorded for a request whose client went away before the response started (nginx's 499).
 CLIENT_CLOSED = 499
+# Methods a client may send twice on its own (RFC 9110 §9.2.1), so the proxy may too: resent after vLLM
+# closed a pooled connection without answering, although the request was written.
+SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 
 
 class Recorder(Protocol):
@@ -283,8 +290,11 @@ class ExchangePolicy:
 
     @staticmethod
     def _may_resend(request: Request, conn: UpstreamConnection, error: UpstreamError) -> bool:
-        """A buffered request may go out once more, on a new connection, after *error* on *conn*."""
-        return conn.reused and error.stage in (UNSENT, NO_RESPONSE)
+        """A buffered request may go out once more, on a new connection, after *error* on *conn*: when vLLM
+        never received it, or when it is safe to repeat and a pooled connection died before any answer."""
+        if error.stage == UNSENT:
+            return True
+        return error.stage == NO_RESPONSE and conn.reused and request.method in SAFE_METHODS
 
     async def _relay(
         self, request: Request, client: ClientConnection, conn: UpstreamConnection, head: Head, ex: Exchange

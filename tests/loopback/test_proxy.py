@@ -280,24 +280,35 @@ async def test_idle_upstream_connections_retire_before_the_upstream_closes_them(
     assert upstream.connections == 5
 
 
-async def test_request_on_a_pooled_connection_closed_by_the_upstream_is_sent_again_once():
+async def test_on_a_pooled_connection_the_upstream_closed_a_post_gets_a_502_and_a_get_is_sent_again():
+    """The keep-alive race forced (vLLM closes an idle connection as the next request arrives on it): the
+    request was written, so vLLM may have read it. A POST is not sent twice, the client gets a 502 and the
+    next request goes on a new connection; a GET is sent again, once, on a new connection."""
     upstream = RawUpstream(keepalive=0.2)  # shorter than the proxy's keep-alive: the race is forced
     await upstream.start()
     recorder = Recorder()
     proxy, base = await start_proxy(upstream.url, recorder, keepalive=4.0, max_observed_body=1024)
     try:
         statuses = await _spaced_posts(base, 0.3, 5)
-        assert upstream.stale == 4 and upstream.answered == 5  # every reuse hit a closed connection
-        # A body too large to buffer streams through, so it cannot be sent twice: that one gets the 502.
+        assert upstream.stale == 2 and upstream.answered == 3  # each reuse hit a closed connection
+        gets = []
         async with aiohttp.ClientSession() as client:
+            for _ in range(3):
+                async with client.get(base + "/v1/models") as r:
+                    await r.read()
+                    gets.append(r.status)
+                await asyncio.sleep(0.3)
+            assert upstream.stale == 5 and upstream.answered == 6  # each GET: a stale reuse, then a new one
+            # A body too large to buffer streams through: not sent twice either.
             async with client.post(base + "/v1/completions", data=b"x" * 5000) as r:
                 streamed_status = r.status
     finally:
         await proxy.close()
         await upstream.stop()
-    assert statuses == [200] * 5
-    assert streamed_status == 502 and upstream.stale == 5
-    assert [outcome.status for _, outcome in recorder.calls] == [200] * 5 + [502]
+    assert statuses == [200, 502, 200, 502, 200] and gets == [200] * 3
+    assert streamed_status == 502 and upstream.stale == 6
+    assert [(outcome.status, outcome.unattributed == "upstream_unreachable") for _, outcome in recorder.calls] == [
+        (200, False), (502, True), (200, False), (502, True), (200, False), (502, True)]
 
 
 async def test_spaced_requests_at_the_upstream_keepalive_never_fail():
