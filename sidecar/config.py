@@ -80,6 +80,14 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{authority}{slash}{path}"
 
 
+def http_url(value: str) -> str:
+    """An http(s) base URL without its trailing slash; ValueError (the reason) otherwise."""
+    value = value.strip().rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("not an http(s) URL")
+    return value
+
+
 def comma_list(value: object) -> object:
     """``"1, 4,16"`` -> ``["1", "4", "16"]`` for a list setting given as text; anything else unchanged."""
     if isinstance(value, str):
@@ -169,10 +177,7 @@ class Settings(BaseSettings):
     @field_validator("upstream")
     @classmethod
     def _check_upstream(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if not re.match(r"^https?://[^/\s]+", value):
-            raise ValueError("not an http(s) URL")
-        return value
+        return http_url(value)
 
     @field_validator("temperature_edges", mode="before")
     @classmethod
@@ -325,6 +330,8 @@ def describe_validation_error(
     message = first.get("msg", "invalid value").removeprefix("Value error, ")
     if not loc:
         return f"invalid settings: {message}"
+    if first.get("type") == "missing":
+        message = "required, not given"
     field = loc[0]
     fields = model.model_fields if model is not None else {}
     info = fields.get(field) or next((i for i in fields.values() if i.alias == field), None)

@@ -37,6 +37,14 @@ class Prompt:
         return {"prompt": self.prompt}
 
 
+@dataclass(frozen=True, slots=True)
+class PromptSet:
+    """The prompts of a run and the name they were chosen by (``echo`` ... or the file), for results.json."""
+
+    name: str
+    prompts: tuple[Prompt, ...]
+
+
 _SNIPPETS = (
     '''def merge_intervals(intervals):
     """Merge overlapping (start, end) pairs and return them sorted."""
@@ -130,8 +138,14 @@ def load(spec: str) -> list[Prompt]:
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"{spec!r} is neither one of {', '.join(BUILTIN)} nor a readable file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ValueError(f"{spec}: cannot read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{spec}: not UTF-8 text") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -152,3 +166,8 @@ def load(spec: str) -> list[Prompt]:
     if not prompts:
         raise ValueError(f"{spec}: no prompts")
     return prompts
+
+
+def load_set(spec: str) -> PromptSet:
+    """``load`` keeping the name the set was chosen by."""
+    return PromptSet(spec, tuple(load(spec)))

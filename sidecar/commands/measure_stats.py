@@ -5,6 +5,9 @@ per-request JSONL. Acceptance is token-weighted (sum of accepted / sum of drafte
 ratios). A speed-up is baseline / speculative for TPOT and speculative / baseline for throughput, so above
 1 always means speculation helps; its 95% interval comes from a seeded bootstrap over requests. The
 break-even model and thresholds come from :mod:`sidecar.decision`.
+
+Every result is a frozen dataclass whose ``to_json()`` is its part of ``results.json``; field order is key
+order.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from sidecar.buckets import TemperatureBuckets
 from sidecar.decision import (
@@ -32,6 +35,9 @@ from sidecar.decision import (
 SPEC, BASELINE = "spec", "baseline"
 HELPS, NEUTRAL, HURTS = "helps", "neutral", "hurts"
 VLLM_CONFIG_KEY = "num_speculative_tokens_per_batch_size"  # vLLM 0.32 SpeculativeConfig field
+CONFIDENCE = 0.95
+LEVIATHAN = ("Leviathan et al. 2023: tokens per step E = (1 - alpha^(k+1)) / (1 - alpha), "
+             "speed-up = E / (k*c + 1)")
 
 
 @dataclass(slots=True)
@@ -67,14 +73,17 @@ def _quantiles(values: Sequence[float], qs: Sequence[float]) -> dict[str, float 
     return {f"p{round(q * 100)}": sample_quantile(q, values) for q in qs}
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class Interval:
     value: float | None
     ci_low: float | None
     ci_high: float | None
 
     def to_json(self) -> dict:
-        return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high}
+        return asdict(self)
+
+
+NO_INTERVAL = Interval(None, None, None)
 
 
 def bootstrap_ratio(
@@ -82,7 +91,7 @@ def bootstrap_ratio(
     denominator: Sequence[RequestRecord],
     statistic: Callable[[Sequence[RequestRecord]], float | None],
     resamples: int = 1000,
-    confidence: float = 0.95,
+    confidence: float = CONFIDENCE,
     seed: int = 0,
 ) -> Interval:
     """statistic(numerator) / statistic(denominator) with a percentile bootstrap interval.
@@ -91,7 +100,7 @@ def bootstrap_ratio(
     """
     point_num, point_den = statistic(numerator), statistic(denominator)
     if not point_num or not point_den:
-        return Interval(None, None, None)
+        return NO_INTERVAL
     value = point_num / point_den
     rng = random.Random(seed)
     ratios = []
@@ -140,6 +149,19 @@ def speedup_verdict(interval: Interval, band: float) -> str:
     return NEUTRAL
 
 
+@dataclass(frozen=True, slots=True)
+class Speedup:
+    """A speculative cell over its baseline cell: both speed-ups with 95% intervals, and the verdict."""
+
+    tpot: Interval
+    throughput: Interval
+    verdict: str
+    basis: str = "throughput"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
 class Cell:
     server: str
@@ -153,13 +175,52 @@ class Cell:
         return [r for r in self.records if r.ok]
 
 
+@dataclass(frozen=True, slots=True)
+class CellSummary:
+    """One server's cell: an entry of ``results.json``'s ``cells``."""
+
+    server: str
+    temperature: float
+    temperature_bucket: str
+    concurrency: int
+    requests: int
+    errors: int
+    output_tokens: int
+    wall_seconds: float
+    output_tokens_per_second: float | None
+    accepted_tokens: int
+    draft_tokens: int
+    spec_steps: int
+    acceptance_source: str | None
+    acceptance_rate: float | None
+    mean_acceptance_length: float | None
+    acceptance_verdict: str | None
+    acceptance_p10: float | None
+    acceptance_p50: float | None
+    acceptance_p90: float | None
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    ttft_p99_s: float | None
+    tpot_p50_s: float | None
+    tpot_p95_s: float | None
+    tpot_p99_s: float | None
+    e2e_p50_s: float | None
+    e2e_p95_s: float | None
+    e2e_p99_s: float | None
+    num_spec_tokens: int | None
+    speedup: Speedup | None = None  # speculative cells with a baseline
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 def summarise(
     cell: Cell,
     buckets: TemperatureBuckets,
     break_even: float = DEFAULT_BREAK_EVEN,
     near_upper: float = DEFAULT_NEAR_UPPER,
-) -> dict:
-    """A cell's row of ``results.json`` (without the speed-up, which needs the other server's cell)."""
+) -> CellSummary:
+    """A cell's summary (without the speed-up, which needs the other server's cell)."""
     ok = cell.ok
     vllm = [r for r in ok if r.acceptance_source == "vllm"]
     counted = [r for r in ok if r.accepted_tokens is not None]
@@ -171,48 +232,42 @@ def summarise(
     acceptance = clamped_ratio(accepted_vllm, drafted) if drafted else None
     rates = [r.acceptance_rate for r in vllm if r.acceptance_rate is not None]
     tokens = sum(r.output_tokens or 0 for r in ok)
-    row: dict = {
-        "server": cell.server,
-        "temperature": cell.temperature,
-        "temperature_bucket": buckets.bucket(cell.temperature),
-        "concurrency": cell.concurrency,
-        "requests": len(ok),
-        "errors": len(cell.records) - len(ok),
-        "output_tokens": tokens,
-        "wall_seconds": cell.wall_seconds,
-        "output_tokens_per_second": tokens / cell.wall_seconds if cell.wall_seconds > 0 else None,
-        "accepted_tokens": accepted,
-        "draft_tokens": drafted,
-        "spec_steps": steps,
-        "acceptance_source": "+".join(sources) if sources else None,
-        "acceptance_rate": acceptance,
-        "mean_acceptance_length": 1.0 + accepted / steps if steps else None,
-        "acceptance_verdict": decide(acceptance, break_even, near_upper).value if cell.server == SPEC else None,
-    }
-    row.update({f"acceptance_{k}": v for k, v in _quantiles(rates, (0.1, 0.5, 0.9)).items()})
+    latency: dict[str, float | None] = {}
     for name, attr in (("ttft", "ttft_s"), ("tpot", "tpot_s"), ("e2e", "e2e_s")):
         values = [getattr(r, attr) for r in ok if getattr(r, attr) is not None]
-        row.update({f"{name}_{k}_s": v for k, v in _quantiles(values, (0.5, 0.95, 0.99)).items()})
+        latency.update({f"{name}_{k}_s": v for k, v in _quantiles(values, (0.5, 0.95, 0.99)).items()})
     k_values = {r.num_spec_tokens for r in vllm if r.num_spec_tokens}
-    row["num_spec_tokens"] = k_values.pop() if len(k_values) == 1 else None
-    row["speedup"] = None
-    return row
+    return CellSummary(
+        server=cell.server,
+        temperature=cell.temperature,
+        temperature_bucket=buckets.bucket(cell.temperature),
+        concurrency=cell.concurrency,
+        requests=len(ok),
+        errors=len(cell.records) - len(ok),
+        output_tokens=tokens,
+        wall_seconds=cell.wall_seconds,
+        output_tokens_per_second=tokens / cell.wall_seconds if cell.wall_seconds > 0 else None,
+        accepted_tokens=accepted,
+        draft_tokens=drafted,
+        spec_steps=steps,
+        acceptance_source="+".join(sources) if sources else None,
+        acceptance_rate=acceptance,
+        mean_acceptance_length=1.0 + accepted / steps if steps else None,
+        acceptance_verdict=decide(acceptance, break_even, near_upper).value if cell.server == SPEC else None,
+        **{f"acceptance_{k}": v for k, v in _quantiles(rates, (0.1, 0.5, 0.9)).items()},
+        **latency,
+        num_spec_tokens=k_values.pop() if len(k_values) == 1 else None,
+    )
 
 
-def compare(spec: Cell, baseline: Cell, band: float, resamples: int = 1000, seed: int = 0) -> dict:
+def compare(spec: Cell, baseline: Cell, band: float, resamples: int = 1000, seed: int = 0) -> Speedup:
     """Speed-ups of a speculative cell over its baseline cell, with 95% bootstrap intervals and a verdict."""
     spec_ok, base_ok = spec.ok, baseline.ok
     if not spec_ok or not base_ok:
-        return {"tpot": Interval(None, None, None).to_json(), "throughput": Interval(None, None, None).to_json(),
-                "verdict": NEUTRAL, "basis": "throughput"}
+        return Speedup(NO_INTERVAL, NO_INTERVAL, NEUTRAL)
     tpot = bootstrap_ratio(spec_ok, base_ok, inverse(median_tpot), resamples, seed=seed)
     throughput = bootstrap_ratio(spec_ok, base_ok, tokens_per_request_second, resamples, seed=seed + 1)
-    return {
-        "tpot": tpot.to_json(),
-        "throughput": throughput.to_json(),
-        "verdict": speedup_verdict(throughput, band),
-        "basis": "throughput",
-    }
+    return Speedup(tpot, throughput, speedup_verdict(throughput, band))
 
 
 def tokens_per_pass(output_tokens: int, accepted_tokens: int) -> float | None:
@@ -222,7 +277,68 @@ def tokens_per_pass(output_tokens: int, accepted_tokens: int) -> float | None:
     return output_tokens / passes if passes > 0 and output_tokens > 0 else None
 
 
-def fit_model(rows: Sequence[dict], k: int | None) -> dict | None:
+# --- the break-even fit ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CellFit:
+    """The model against the measurement for one speculative cell of a level."""
+
+    temperature: float
+    tokens_per_pass: float
+    alpha: float
+    model_speedup: float
+    measured_tpot_speedup: float
+    pays: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LevelFit:
+    """One concurrency level of ``break_even_fit``."""
+
+    concurrency: int
+    cells: int
+    draft_cost: float | None
+    alpha: float | None
+    tokens_per_pass: float | None
+    break_even_alpha: float | None = None
+    break_even_acceptance_rate: float | None = None
+    predicted_speedup: float | None = None
+    pays: bool | None = None
+    suggested_num_speculative_tokens: int | None = None
+    per_temperature: tuple[CellFit, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """vLLM's dynamic speculation schedule: ``--speculative-config '{"<key>": <value>, ...}'``."""
+
+    key: str
+    value: list[list[int]]
+    note: str = "batch sizes approximated by client concurrency; vLLM carries the last entry forward"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakEvenFit:
+    """``results.json``'s ``break_even_fit``."""
+
+    model: str
+    k: int
+    levels: tuple[LevelFit, ...]
+    stops_paying_at_concurrency: int | None
+    stops_paying_at_concurrency_by_temperature: dict[str, int | None]
+    measured_hurts_from_concurrency_by_temperature: dict[str, int | None]
+    schedule: Schedule | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _fittable(row: CellSummary) -> bool:
+    return (row.server == SPEC and row.speedup is not None and bool(row.speedup.tpot.value)
+            and tokens_per_pass(row.output_tokens, row.accepted_tokens) is not None)
+
+
+def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None:
     """Fit the draft cost c and alpha per concurrency level (Leviathan et al.) from the paired cells.
 
     Per spec cell: E = output tokens per target pass (measured), alpha the value with E(alpha, k) = E (an
@@ -233,84 +349,120 @@ def fit_model(rows: Sequence[dict], k: int | None) -> dict | None:
     """
     if not k:
         return None
-    by_level: dict[int, list[dict]] = defaultdict(list)
+    by_level: dict[int, list[CellSummary]] = defaultdict(list)
     for row in rows:
-        if row["server"] == SPEC and row.get("speedup") and row["speedup"]["tpot"]["value"]:
-            if tokens_per_pass(row["output_tokens"], row["accepted_tokens"]):
-                by_level[row["concurrency"]].append(row)
+        if _fittable(row):
+            by_level[row.concurrency].append(row)
     if not by_level:
         return None
-    levels = []
+    levels: list[LevelFit] = []
     for concurrency in sorted(by_level):
         cells = by_level[concurrency]
-        pairs = [(tokens_per_pass(r["output_tokens"], r["accepted_tokens"]), r["speedup"]["tpot"]["value"])
+        pairs = [(tokens_per_pass(r.output_tokens, r.accepted_tokens), r.speedup.tpot.value)  # type: ignore[union-attr]
                  for r in cells]
         c = fit_draft_cost(pairs, k)  # type: ignore[arg-type]
-        mix = tokens_per_pass(sum(r["output_tokens"] for r in cells), sum(r["accepted_tokens"] for r in cells))
+        mix = tokens_per_pass(sum(r.output_tokens for r in cells), sum(r.accepted_tokens for r in cells))
         alpha = alpha_from_mean_acceptance_length(mix, k) if mix else None
-        level: dict = {"concurrency": concurrency, "cells": len(cells), "draft_cost": c, "alpha": alpha,
-                       "tokens_per_pass": mix, "break_even_alpha": None, "break_even_acceptance_rate": None,
-                       "predicted_speedup": None, "pays": None, "suggested_num_speculative_tokens": None,
-                       "per_temperature": []}
+        level = LevelFit(concurrency, len(cells), c, alpha, mix)
         if c is not None:
-            level["break_even_alpha"] = break_even_alpha(c, k)
-            level["break_even_acceptance_rate"] = break_even_acceptance_rate(c)
-            if alpha is not None:
-                level["predicted_speedup"] = speculative_speedup(alpha, k, c)
-                level["pays"] = level["predicted_speedup"] > 1.0
-                level["suggested_num_speculative_tokens"] = best_num_speculative_tokens(alpha, max(c, 0.0), k)
-            for r, (e, s) in sorted(zip(cells, pairs), key=lambda item: item[0]["temperature"]):
+            predicted = speculative_speedup(alpha, k, c) if alpha is not None else None
+            per_temperature = []
+            for r, (e, s) in sorted(zip(cells, pairs), key=lambda item: item[0].temperature):
                 a = alpha_from_mean_acceptance_length(e, k)  # type: ignore[arg-type]
-                level["per_temperature"].append({
-                    "temperature": r["temperature"], "tokens_per_pass": e, "alpha": a,
-                    "model_speedup": speculative_speedup(a, k, c), "measured_tpot_speedup": s,
-                    "pays": speculative_speedup(a, k, c) > 1.0,
-                })
+                modelled = speculative_speedup(a, k, c)
+                per_temperature.append(CellFit(r.temperature, e, a, modelled, s, modelled > 1.0))  # type: ignore[arg-type]
+            level = replace(
+                level,
+                break_even_alpha=break_even_alpha(c, k),
+                break_even_acceptance_rate=break_even_acceptance_rate(c),
+                predicted_speedup=predicted,
+                pays=None if predicted is None else predicted > 1.0,
+                suggested_num_speculative_tokens=None if alpha is None else best_num_speculative_tokens(
+                    alpha, max(c, 0.0), k),
+                per_temperature=tuple(per_temperature),
+            )
         levels.append(level)
-    stops = next((lv["concurrency"] for lv in levels if lv["pays"] is False), None)
+    stops = next((lv.concurrency for lv in levels if lv.pays is False), None)
     per_temperature_stops: dict[str, int | None] = {}
     for lv in levels:
-        for entry in lv["per_temperature"]:
-            key = f"{entry['temperature']:g}"
+        for entry in lv.per_temperature:
+            key = f"{entry.temperature:g}"
             per_temperature_stops.setdefault(key, None)
-            if not entry["pays"] and per_temperature_stops[key] is None:
-                per_temperature_stops[key] = lv["concurrency"]
+            if not entry.pays and per_temperature_stops[key] is None:
+                per_temperature_stops[key] = lv.concurrency
     hurts_from: dict[str, int | None] = {}
-    for row in sorted(rows, key=lambda r: r["concurrency"]):
-        if row["server"] == SPEC and row.get("speedup"):
-            key = f"{row['temperature']:g}"
+    for row in sorted(rows, key=lambda r: r.concurrency):
+        if row.server == SPEC and row.speedup is not None:
+            key = f"{row.temperature:g}"
             hurts_from.setdefault(key, None)
-            if row["speedup"]["verdict"] == HURTS and hurts_from[key] is None:
-                hurts_from[key] = row["concurrency"]
-    return {
-        "model": "Leviathan et al. 2023: tokens per step E = (1 - alpha^(k+1)) / (1 - alpha), speed-up = E / (k*c + 1)",
-        "k": k,
-        "levels": levels,
-        "stops_paying_at_concurrency": stops,
-        "stops_paying_at_concurrency_by_temperature": per_temperature_stops,
-        "measured_hurts_from_concurrency_by_temperature": hurts_from,
-        "schedule": schedule(levels),
-    }
+            if row.speedup.verdict == HURTS and hurts_from[key] is None:
+                hurts_from[key] = row.concurrency
+    return BreakEvenFit(
+        model=LEVIATHAN,
+        k=k,
+        levels=tuple(levels),
+        stops_paying_at_concurrency=stops,
+        stops_paying_at_concurrency_by_temperature=per_temperature_stops,
+        measured_hurts_from_concurrency_by_temperature=hurts_from,
+        schedule=schedule([(lv.concurrency, lv.suggested_num_speculative_tokens) for lv in levels]),
+    )
 
 
-def schedule(levels: Sequence[dict]) -> dict | None:
-    """The fitted best k per load level as vLLM's dynamic speculation schedule.
+def schedule(levels: Sequence[tuple[int, int | None]]) -> Schedule | None:
+    """The best k per load level, ``(concurrency, k)`` pairs in rising concurrency (k None: not fitted), as
+    vLLM's dynamic speculation schedule.
 
     Entries are ``[first batch size, last batch size, k]``, inclusive, the first starting at 1; each
     measured concurrency starts a range that runs up to the next one; vLLM carries the last entry on to
     ``max_num_seqs``. Neighbouring ranges with the same k are merged.
     """
-    known = [lv for lv in levels if lv["suggested_num_speculative_tokens"] is not None]
+    known = [(concurrency, k) for concurrency, k in levels if k is not None]
     if not known:
         return None
     entries: list[list[int]] = []
-    for i, level in enumerate(known):
-        start = 1 if i == 0 else level["concurrency"]
-        end = known[i + 1]["concurrency"] - 1 if i + 1 < len(known) else max(level["concurrency"], start)
-        k = level["suggested_num_speculative_tokens"]
+    for i, (concurrency, k) in enumerate(known):
+        start = 1 if i == 0 else concurrency
+        end = known[i + 1][0] - 1 if i + 1 < len(known) else max(concurrency, start)
         if entries and entries[-1][2] == k:
             entries[-1][1] = end
         else:
             entries.append([start, end, k])
-    return {"key": VLLM_CONFIG_KEY, "value": entries,
-            "note": "batch sizes approximated by client concurrency; vLLM carries the last entry forward"}
+    return Schedule(VLLM_CONFIG_KEY, entries)
+
+
+# --- results.json ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ResultThresholds:
+    """What the verdicts in ``results.json`` were judged by."""
+
+    break_even: float
+    near_break_even_upper: float
+    neutral_band: float
+    confidence: float
+    bootstrap_resamples: int
+
+
+@dataclass(frozen=True, slots=True)
+class MeasureResults:
+    """``results.json``."""
+
+    tool: str
+    url: str
+    baseline_url: str | None
+    model: str
+    prompts: str
+    max_tokens: int
+    ignore_eos: bool
+    requests_per_cell: int
+    warmup_per_cell: int
+    rounds: int
+    temperatures: list[float]
+    concurrency: list[int]
+    thresholds: ResultThresholds
+    num_spec_tokens: int | None
+    cells: tuple[CellSummary, ...]
+    break_even_fit: BreakEvenFit | None
+
+    def to_json(self) -> dict:
+        return asdict(self)

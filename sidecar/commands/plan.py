@@ -17,17 +17,17 @@ against real runs' ``cache_config_info`` in ``tests/fixtures/plan``):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationInfo, field_validator
+
+from sidecar.config import ExitCode
 from sidecar.decision import DRAFT_SIZE_RATIO_SWEET_SPOT, DRAFT_VRAM_SHARE_WARN, draft_size_advice
 
-EXIT_BAD_FLAGS = 2
 GIB = 1024**3
 GB = 1000**3
 
@@ -36,10 +36,6 @@ GB = 1000**3
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
 KV_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}
 FLOAT_DTYPES = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
-
-
-class PlanError(ValueError):
-    """A bad flag or an unreadable/unsupported model: one line, exit status 2."""
 
 
 @dataclass(frozen=True)
@@ -88,21 +84,21 @@ class Model:
     directory: Path | None = field(default=None, repr=False)
 
 
-def _require(cfg: dict, key: str, flag: str) -> int:
+def _require(cfg: dict, key: str) -> int:
     value = cfg.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise PlanError(f"{flag}: config.json has no positive integer {key!r}")
+        raise ValueError(f"config.json has no positive integer {key!r}")
     return value
 
 
-def count_params(cfg: dict, arch: Architecture, flag: str) -> tuple[int, int]:
+def count_params(cfg: dict, arch: Architecture) -> tuple[int, int]:
     """(total, active per token) parameters of a decoder-only causal LM described by ``cfg``."""
-    hidden = _require(cfg, "hidden_size", flag)
-    layers = _require(cfg, "num_hidden_layers", flag)
-    heads = _require(cfg, "num_attention_heads", flag)
+    hidden = _require(cfg, "hidden_size")
+    layers = _require(cfg, "num_hidden_layers")
+    heads = _require(cfg, "num_attention_heads")
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or hidden // heads
-    vocab = _require(cfg, "vocab_size", flag)
+    vocab = _require(cfg, "vocab_size")
     attention_bias = bool(cfg.get("attention_bias", False))
     qkv_bias = attention_bias if arch.qkv_bias is None else arch.qkv_bias
     o_bias = attention_bias if arch.o_bias is None else arch.o_bias
@@ -120,19 +116,19 @@ def count_params(cfg: dict, arch: Architecture, flag: str) -> tuple[int, int]:
     total = active = 0
     for index in range(layers):
         if arch.moe == "mixtral":
-            experts = _require(cfg, "num_local_experts", flag)
-            per_token = _require(cfg, "num_experts_per_tok", flag)
-            expert = dense_mlp(_require(cfg, "intermediate_size", flag))
+            experts = _require(cfg, "num_local_experts")
+            per_token = _require(cfg, "num_experts_per_tok")
+            expert = dense_mlp(_require(cfg, "intermediate_size"))
             mlp, mlp_active = hidden * experts + experts * expert, hidden * experts + per_token * expert
         elif arch.moe == "qwen3_moe" and index not in (cfg.get("mlp_only_layers") or []) and (
             (index + 1) % (cfg.get("decoder_sparse_step") or 1) == 0
         ):
-            experts = _require(cfg, "num_experts", flag)
-            per_token = _require(cfg, "num_experts_per_tok", flag)
-            expert = dense_mlp(_require(cfg, "moe_intermediate_size", flag))
+            experts = _require(cfg, "num_experts")
+            per_token = _require(cfg, "num_experts_per_tok")
+            expert = dense_mlp(_require(cfg, "moe_intermediate_size"))
             mlp, mlp_active = hidden * experts + experts * expert, hidden * experts + per_token * expert
         else:
-            mlp = mlp_active = dense_mlp(_require(cfg, "intermediate_size", flag))
+            mlp = mlp_active = dense_mlp(_require(cfg, "intermediate_size"))
         total += attention + mlp + norms
         active += attention + mlp_active + norms
 
@@ -164,7 +160,8 @@ def _quantized_as(cfg: dict) -> str | None:
     return {4: "int4", 8: "int8"}.get(bits)
 
 
-def load_model(path: str, flag: str) -> Model:
+def load_model(path: str) -> Model:
+    """The model whose config.json is *path* (or lies in the directory *path*); ValueError says what is wrong."""
     given = Path(path)
     if given.is_dir():
         config_path, directory = given / "config.json", given
@@ -173,18 +170,16 @@ def load_model(path: str, flag: str) -> Model:
     try:
         cfg = json.loads(config_path.read_text())
     except FileNotFoundError:
-        raise PlanError(f"{flag}: no such file {config_path}") from None
+        raise ValueError(f"no such file {config_path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise PlanError(f"{flag}: cannot read {config_path} as JSON ({error.__class__.__name__})") from None
+        raise ValueError(f"cannot read {config_path} as JSON ({error.__class__.__name__})") from None
     if not isinstance(cfg, dict):
-        raise PlanError(f"{flag}: {config_path} is not a JSON object")
+        raise ValueError(f"{config_path} is not a JSON object")
     model_type = cfg.get("model_type")
     arch = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
     if arch is None:
-        raise PlanError(
-            f"{flag}: unsupported model_type {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    params, active = count_params(cfg, arch, flag)
+        raise ValueError(f"unsupported model_type {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+    params, active = count_params(cfg, arch)
     heads = cfg["num_attention_heads"]
     dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     window = cfg.get("sliding_window")
@@ -298,21 +293,15 @@ def _vocab(tokenizer: dict) -> dict[str, int]:
     return vocab
 
 
-def plan(args: argparse.Namespace) -> dict:
-    target = load_model(args.target, "--target")
-    draft = load_model(args.draft, "--draft")
-    gpus = args.gpus
-    for model, flag in ((target, "--target"), (draft, "--draft")):
-        if model.attention_heads % gpus:
-            raise PlanError(f"--gpus: {gpus} GPUs do not divide the {model.attention_heads} attention heads "
-                            f"of {flag} {model.name} (vLLM needs an even split)")
+def plan(args: PlanSettings) -> dict:
+    """The plan for a validated pair (``PlanSettings`` loaded both configs and checked --gpus against them)."""
+    target, draft, gpus = args.target, args.draft, args.gpus
     target_dtype = args.target_dtype or default_weights_dtype(target)
     draft_dtype = args.draft_dtype or args.target_dtype or default_weights_dtype(draft)
     compute_dtype = activation_dtype(target, target_dtype)
     kv_dtype = compute_dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
     max_model_len = args.max_model_len or target.max_position_embeddings
-    if not max_model_len:
-        raise PlanError("--max-model-len: the target's config has no max_position_embeddings; give it")
+    assert max_model_len, "PlanSettings checks the target gives a max_position_embeddings or --max-model-len is set"
 
     target_weights = int(target.params * WEIGHT_BYTES[target_dtype])
     draft_weights = int(draft.params * WEIGHT_BYTES[draft_dtype])
@@ -486,96 +475,67 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    """Bad flags: one line naming the flag, exit status 2 (argparse would also print the usage)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"{self.prog}: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_FLAGS)
-
-    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
-        namespace, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return namespace, extras
+def _model(path: object) -> Model:
+    return path if isinstance(path, Model) else load_model(str(path))
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value > 0 or (isinstance(value, float) and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+WeightDtype = Literal[tuple(sorted(WEIGHT_BYTES))]  # type: ignore[valid-type]
+KvDtype = Literal[("auto", *sorted(KV_BYTES))]  # type: ignore[valid-type]
+
+
+class PlanSettings(BaseModel):
+    """Everything ``plan`` can be told; each field is the flag of the same name. The two configs are read
+    while validating, so an unreadable or unsupported model is a bad ``--target`` / ``--draft`` like any other."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    target: Annotated[Model, PlainValidator(_model)] = Field(
+        description="target model directory or its config.json", json_schema_extra={"metavar": "PATH"})
+    draft: Annotated[Model, PlainValidator(_model)] = Field(
+        description="draft model directory or its config.json", json_schema_extra={"metavar": "PATH"})
+    target_dtype: WeightDtype | None = Field(
+        None, description="weight precision (unset = the config's quantization or dtype; float32 -> bf16)")
+    draft_dtype: WeightDtype | None = Field(
+        None, description="draft weight precision (unset = --target-dtype when given, else from the draft's config)")
+    kv_cache_dtype: KvDtype = Field("auto", description="KV cache dtype; auto = the target's compute dtype, as vLLM")
+    gpus: int = Field(1, gt=0, description="tensor-parallel GPUs")
+    gpu_memory_gib: float = Field(80.0, gt=0, allow_inf_nan=False, description="memory of one GPU in GiB")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM's --gpu-memory-utilization")
+    overhead_gib: float = Field(
+        0.0, ge=0, allow_inf_nan=False,
+        description="per-GPU memory for activations, CUDA graphs, non-torch allocations")
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="per-GPU KV budget, as vLLM's flag; overrides the memory model above",
+        json_schema_extra={"metavar": "B"})
+    block_size: int = Field(16, gt=0, description="KV block size in tokens")
+    max_model_len: int | None = Field(
+        None, gt=0, description="max tokens per request (unset = the target's max_position_embeddings)",
+        json_schema_extra={"metavar": "L"})
+    num_speculative_tokens: int | None = Field(
+        None, gt=0, description="draft tokens per step: also show concurrency with K lookahead slots per request",
+        json_schema_extra={"metavar": "K"})
+    as_json: bool = Field(False, alias="json", description="print the plan as JSON")
+
+    @field_validator("gpus")
+    @classmethod
+    def _even_split(cls, gpus: int, info: ValidationInfo) -> int:
+        for flag in ("target", "draft"):
+            model = info.data.get(flag)
+            if model is not None and model.attention_heads % gpus:
+                raise ValueError(f"{gpus} GPUs do not divide the {model.attention_heads} attention heads of "
+                                 f"--{flag} {model.name} (vLLM needs an even split)")
+        return gpus
+
+    @field_validator("max_model_len")
+    @classmethod
+    def _length_known(cls, value: int | None, info: ValidationInfo) -> int | None:
+        target = info.data.get("target")
+        if value is None and target is not None and not target.max_position_embeddings:
+            raise ValueError("the target's config has no max_position_embeddings; give it")
         return value
 
-    parse.__name__ = kind.__name__
-    return parse
 
-
-def _utilization(text: str) -> float:
-    value = _positive(float)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1]: {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be zero or more: {text!r}")
-    return value
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "plan", help="what a draft model costs in GPU memory and KV-cache tokens",
-        description="Size a target + draft pair for vLLM V1: weights, KV bytes per token, KV tokens with and "
-                    "without the draft (the draft's layers share the one KV pool), max concurrency.",
-    )  # fmt: skip
-    parser.__class__ = _OneLineErrors
-    parser.add_argument("--target", required=True, metavar="PATH",
-                        help="target model directory or its config.json")
-    parser.add_argument("--draft", required=True, metavar="PATH",
-                        help="draft model directory or its config.json")
-    dtypes = sorted(WEIGHT_BYTES)
-    parser.add_argument("--target-dtype", choices=dtypes,
-                        help="weight precision (default: the config's quantization or dtype; float32 -> "
-                             "bf16)")
-    parser.add_argument("--draft-dtype", choices=dtypes,
-                        help="draft weight precision (default: --target-dtype when given, else from the "
-                             "draft's config)")
-    parser.add_argument("--kv-cache-dtype", choices=["auto", *sorted(KV_BYTES)], default="auto",
-                        help="KV cache dtype; auto = the target's compute dtype, as vLLM (default auto)")
-    parser.add_argument("--gpus", type=_positive(int), default=1, help="tensor-parallel GPUs (default 1)")
-    parser.add_argument("--gpu-memory-gib", type=_positive(float), default=80.0,
-                        help="memory of one GPU in GiB (default 80)")
-    parser.add_argument("--gpu-memory-utilization", type=_utilization, default=0.9,
-                        help="vLLM's --gpu-memory-utilization (default 0.9)")
-    parser.add_argument("--overhead-gib", type=_non_negative, default=0.0,
-                        help="per-GPU memory for activations, CUDA graphs, non-torch allocations (default 0)")
-    parser.add_argument("--kv-cache-memory-bytes", type=_positive(int), metavar="B",
-                        help="per-GPU KV budget, as vLLM's flag; overrides the memory model above")
-    parser.add_argument("--block-size", type=_positive(int), default=16,
-                        help="KV block size in tokens (default 16)")
-    parser.add_argument("--max-model-len", type=_positive(int), metavar="L",
-                        help="max tokens per request (default: the target's max_position_embeddings)")
-    parser.add_argument("--num-speculative-tokens", type=_positive(int), metavar="K",
-                        help="draft tokens per step: also show concurrency with K lookahead slots per "
-                             "request")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return parser
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    try:
-        result = plan(args)
-    except PlanError as error:
-        print(f"specdec-sidecar plan: {error}", file=sys.stderr)
-        return EXIT_BAD_FLAGS
-    print(json.dumps(result, indent=2) if args.json else render(result))
-    return 0
+def run(settings: PlanSettings) -> ExitCode:
+    result = plan(settings)
+    print(json.dumps(result, indent=2) if settings.as_json else render(result))
+    return ExitCode.OK

@@ -56,10 +56,9 @@ def vllm_accepts_schedule(key: str, value: list) -> list:
 
 
 def test_suggested_schedules_pass_vllms_own_validation():
-    levels = [{"concurrency": c, "suggested_num_speculative_tokens": k} for c, k in ((1, 4), (4, 4), (8, 2), (32, 0))]
-    suggested = schedule(levels)
-    assert suggested["key"] == VLLM_CONFIG_KEY
-    assert vllm_accepts_schedule(suggested["key"], suggested["value"]) == [[1, 7, 4], [8, 31, 2], [32, 32, 0]]
+    suggested = schedule([(1, 4), (4, 4), (8, 2), (32, 0)])
+    assert suggested.key == VLLM_CONFIG_KEY
+    assert vllm_accepts_schedule(suggested.key, suggested.value) == [[1, 7, 4], [8, 31, 2], [32, 32, 0]]
 
 
 def spec_counters(url: str) -> tuple[float, float]:

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from sidecar.cli import main
-from sidecar.config import SettingsError, build_settings, format_duration, parse_duration
+from sidecar.cli import _loop_factory, main
+from sidecar.config import ExitCode, SettingsError, build_settings, format_duration, parse_duration
 
 
 def test_defaults():
@@ -98,3 +98,45 @@ def test_secrets_are_not_echoed_in_errors():
         build_settings(upstream="ftp://user:hunter2@host")
     assert "hunter2" not in str(error.value) and "***@host" in str(error.value)
     assert "sk-secret" not in repr(build_settings(upstream_api_key="sk-secret"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["top", "--interval", "0"], "invalid setting --interval (got '0'): Input should be greater than 0"),
+        (["top", "--window", "nan"], "invalid setting --window"),
+        (["top", "--url", "localhost:9464"], "invalid setting --url (got 'localhost:9464'): not an http(s) URL"),
+        (["measure"], "invalid setting --url: required, not given"),
+        (["measure", "--url", "http://x", "--rounds", "9", "--requests", "3"],
+         "invalid settings: --rounds (9) is more than --requests (3)"),
+        (["plan", "--target", "nowhere", "--draft", "nowhere"], "invalid setting --target (got 'nowhere'): no such file"),
+        (["serve", "--metrics-port"], "argument --metrics-port: expected one argument"),
+        (["serve", "--no-such-flag", "1"], "unrecognized arguments: --no-such-flag 1"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+def test_every_command_rejects_a_bad_setting_the_same_way(argv, fragment, capsys):
+    """Whether argparse or a command's settings model finds it: exit 2 and one line naming the flag."""
+    assert main(argv) == ExitCode.BAD_SETTING == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("specdec-sidecar: ") and fragment in err[0], err
+    assert captured.out == ""
+
+
+def test_help_and_version_exit_0(capsys):
+    assert main(["measure", "--help"]) == ExitCode.OK
+    assert "--fail-if-hurts-at TEMPERATURES" in capsys.readouterr().out
+    assert main(["--version"]) == ExitCode.OK
+
+
+def test_each_exit_status_has_one_name():
+    assert len(ExitCode.__members__) == len(set(ExitCode))  # no aliases: one name per meaning
+    assert (ExitCode.OK, ExitCode.GATE_FAILED, ExitCode.BAD_SETTING, ExitCode.UNMEASURABLE) == (0, 1, 2, 3)
+
+
+def test_event_loop_choice_is_checked_with_the_settings():
+    assert _loop_factory("asyncio") is None
+    assert build_settings(event_loop="asyncio").event_loop == "asyncio"
+    with pytest.raises(SettingsError, match="--event-loop / SPECDEC_EVENT_LOOP"):
+        build_settings(event_loop="trio")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 from aiohttp import web
+from rich.console import Console
 
 from sidecar import cli
 from sidecar.buckets import TemperatureBuckets
-from sidecar.commands.measure import num_spec_tokens
+from sidecar.commands.measure import MeasureSettings, num_spec_tokens, run_measure
 from sidecar.commands.measure_prompts import load as load_prompts
 from sidecar.commands.measure_stats import (
     BASELINE,
@@ -21,6 +23,7 @@ from sidecar.commands.measure_stats import (
     Cell,
     Interval,
     RequestRecord,
+    Speedup,
     bootstrap_ratio,
     compare,
     fit_model,
@@ -112,23 +115,37 @@ def test_cell_acceptance_is_token_weighted_not_a_mean_of_ratios():
     cell = Cell(SPEC, 0.0, 1, [_record(accepted=1, drafted=1), _record(accepted=0, drafted=99),
                                _record(ok=False, accepted=50, drafted=50)], wall_seconds=2.0)
     row = summarise(cell, TemperatureBuckets())
-    assert row["acceptance_rate"] == pytest.approx(1 / 100)  # a mean of ratios would say 0.5
-    assert (row["accepted_tokens"], row["draft_tokens"], row["requests"], row["errors"]) == (1, 100, 2, 1)
-    assert row["acceptance_p50"] == pytest.approx(0.5)
-    assert row["acceptance_verdict"] == "disable"
-    assert row["temperature_bucket"] == "0"
-    assert row["output_tokens_per_second"] == pytest.approx(20 / 2.0)
-    assert row["num_spec_tokens"] == 4
+    assert row.acceptance_rate == pytest.approx(1 / 100)  # a mean of ratios would say 0.5
+    assert (row.accepted_tokens, row.draft_tokens, row.requests, row.errors) == (1, 100, 2, 1)
+    assert row.acceptance_p50 == pytest.approx(0.5)
+    assert row.acceptance_verdict == "disable"
+    assert row.temperature_bucket == "0"
+    assert row.output_tokens_per_second == pytest.approx(20 / 2.0)
+    assert row.num_spec_tokens == 4
 
 
 def test_stream_step_estimates_count_accepted_tokens_but_never_the_acceptance_rate():
     estimate = _record(accepted=30, drafted=0, steps=10)
     estimate.draft_tokens, estimate.acceptance_source = None, "stream_steps"
     row = summarise(Cell(SPEC, 0.0, 1, [estimate], 1.0), TemperatureBuckets())
-    assert row["acceptance_source"] == "stream_steps"
-    assert row["acceptance_rate"] is None and row["accepted_tokens"] == 30
-    assert row["mean_acceptance_length"] == pytest.approx(4.0)
-    assert row["acceptance_verdict"] == "insufficient_data"
+    assert row.acceptance_source == "stream_steps"
+    assert row.acceptance_rate is None and row.accepted_tokens == 30
+    assert row.mean_acceptance_length == pytest.approx(4.0)
+    assert row.acceptance_verdict == "insufficient_data"
+
+
+def test_a_cell_serialises_to_the_results_json_keys():
+    row = summarise(Cell(SPEC, 0.0, 1, [_record(accepted=1, drafted=2)], 1.0), TemperatureBuckets())
+    assert list(row.to_json()) == [
+        "server", "temperature", "temperature_bucket", "concurrency", "requests", "errors", "output_tokens",
+        "wall_seconds", "output_tokens_per_second", "accepted_tokens", "draft_tokens", "spec_steps",
+        "acceptance_source", "acceptance_rate", "mean_acceptance_length", "acceptance_verdict", "acceptance_p10",
+        "acceptance_p50", "acceptance_p90", "ttft_p50_s", "ttft_p95_s", "ttft_p99_s", "tpot_p50_s", "tpot_p95_s",
+        "tpot_p99_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s", "num_spec_tokens", "speedup"]
+    speedup = Speedup(Interval(2.0, 1.5, 2.5), Interval(1.8, 1.2, 2.2), HELPS)
+    assert replace(row, speedup=speedup).to_json()["speedup"] == {
+        "tpot": {"value": 2.0, "ci_low": 1.5, "ci_high": 2.5},
+        "throughput": {"value": 1.8, "ci_low": 1.2, "ci_high": 2.2}, "verdict": "helps", "basis": "throughput"}
 
 
 def test_bootstrap_interval_brackets_the_point_and_verdicts_follow_it():
@@ -139,37 +156,38 @@ def test_bootstrap_interval_brackets_the_point_and_verdicts_follow_it():
     assert interval.value == pytest.approx(sum(r.e2e_s for r in slow) / sum(r.e2e_s for r in fast))
     assert speedup_verdict(interval, 0.05) == HELPS
     result = compare(Cell(SPEC, 0, 1, fast), Cell(BASELINE, 0, 1, slow), band=0.05, resamples=300)
-    assert result["verdict"] == HELPS and result["tpot"]["value"] == pytest.approx(2.0)
-    assert compare(Cell(SPEC, 0, 1, slow), Cell(BASELINE, 0, 1, fast), 0.05, 300)["verdict"] == HURTS
+    assert result.verdict == HELPS and result.tpot.value == pytest.approx(2.0)
+    assert compare(Cell(SPEC, 0, 1, slow), Cell(BASELINE, 0, 1, fast), 0.05, 300).verdict == HURTS
     same = compare(Cell(SPEC, 0, 1, fast), Cell(BASELINE, 0, 1, list(fast)), 0.05, 300)
-    assert same["verdict"] == NEUTRAL and same["throughput"]["ci_low"] <= 1.0 <= same["throughput"]["ci_high"]
+    assert same.verdict == NEUTRAL and same.throughput.ci_low <= 1.0 <= same.throughput.ci_high
     assert speedup_verdict(Interval(1.03, 1.01, 1.05), 0.05) == NEUTRAL  # inside the band
 
 
 def _cell_row(concurrency, temperature, alpha, c, k=4, tokens=100_000):
     passes = tokens / expected_tokens_per_step(alpha, k)
     s = speculative_speedup(alpha, k, c)
-    return {"server": SPEC, "concurrency": concurrency, "temperature": temperature, "output_tokens": tokens,
-            "accepted_tokens": tokens - passes,
-            "speedup": {"tpot": {"value": s}, "throughput": {"value": s}, "verdict": HURTS if s < 1 else HELPS}}
+    row = summarise(Cell(SPEC, temperature, concurrency, [_record()]), TemperatureBuckets())
+    return replace(row, output_tokens=tokens, accepted_tokens=tokens - passes,
+                   speedup=Speedup(Interval(s, None, None), Interval(s, None, None), HURTS if s < 1 else HELPS))
 
 
 def test_fit_finds_each_load_levels_cost_break_even_and_schedule():
     costs = {1: 0.05, 4: 0.1, 16: 0.6}
     rows = [_cell_row(cc, t, a, c) for cc, c in costs.items() for t, a in ((0.0, 0.8), (1.0, 0.05))]
     fit = fit_model(rows, 4)
-    levels = {lv["concurrency"]: lv for lv in fit["levels"]}
+    levels = {lv.concurrency: lv for lv in fit.levels}
     for concurrency, c in costs.items():
-        assert levels[concurrency]["draft_cost"] == pytest.approx(c, rel=1e-6)
-        assert levels[concurrency]["break_even_acceptance_rate"] == pytest.approx(c, rel=1e-6)
-        assert levels[concurrency]["break_even_alpha"] == pytest.approx(break_even_alpha(c, 4), rel=1e-6)
+        assert levels[concurrency].draft_cost == pytest.approx(c, rel=1e-6)
+        assert levels[concurrency].break_even_acceptance_rate == pytest.approx(c, rel=1e-6)
+        assert levels[concurrency].break_even_alpha == pytest.approx(break_even_alpha(c, 4), rel=1e-6)
     # The mix (half greedy at 0.8, half at 0.05) pays at low load and stops at 16.
-    assert levels[1]["pays"] and not levels[16]["pays"]
-    assert fit["stops_paying_at_concurrency"] == 16
-    assert fit["stops_paying_at_concurrency_by_temperature"] == {"0": 16, "1": 1}
-    assert fit["measured_hurts_from_concurrency_by_temperature"] == {"0": 16, "1": 1}
-    value = fit["schedule"]["value"]
-    assert fit["schedule"]["key"] == "num_speculative_tokens_per_batch_size"
+    assert levels[1].pays and not levels[16].pays
+    assert fit.stops_paying_at_concurrency == 16
+    assert fit.stops_paying_at_concurrency_by_temperature == {"0": 16, "1": 1}
+    assert fit.measured_hurts_from_concurrency_by_temperature == {"0": 16, "1": 1}
+    value = fit.schedule.value
+    assert fit.schedule.key == "num_speculative_tokens_per_batch_size"
+    assert fit.to_json()["levels"][0]["per_temperature"][0]["temperature"] == 0.0  # results.json's shape
     # vLLM's rules: inclusive [start, end, k], first start 1, sorted, non-overlapping, k >= 0.
     assert value[0][0] == 1 and value[-1][2] == 0
     for (s1, e1, k1), (s2, e2, k2) in zip(value, value[1:]):
@@ -178,8 +196,9 @@ def test_fit_finds_each_load_levels_cost_break_even_and_schedule():
 
 
 def test_schedule_merges_equal_neighbours():
-    levels = [{"concurrency": c, "suggested_num_speculative_tokens": k} for c, k in ((1, 4), (4, 4), (16, 2))]
-    assert schedule(levels)["value"] == [[1, 15, 4], [16, 16, 2]]
+    assert schedule([(1, 4), (4, 4), (16, 2)]).value == [[1, 15, 4], [16, 16, 2]]
+    assert schedule([(1, None), (4, 3)]).value == [[1, 4, 3]]  # a level without a fit is left out
+    assert schedule([(1, None)]) is None
 
 
 def test_k_comes_from_the_final_usage_chunk():
@@ -204,9 +223,11 @@ def test_prompt_files_are_checked(tmp_path):
 class RecordedStreams:
     """Loopback server answering every completion with one recorded vLLM stream, event by event."""
 
-    def __init__(self, fixture: str) -> None:
+    def __init__(self, fixture: str, version: str | None = None, models: tuple[str, ...] = ("tiny-target",)) -> None:
         self.events = (FIXTURES / fixture).read_bytes().split(b"\n\n")
         self.bodies: list[dict] = []
+        self.version = version  # vLLM's /version answer; None: the route is absent (404)
+        self.served = models
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.bodies.append(await request.json())
@@ -220,12 +241,18 @@ class RecordedStreams:
         return response
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "tiny-target", "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.served]})
+
+    async def version_route(self, request: web.Request) -> web.Response:
+        if self.version is None:
+            raise web.HTTPNotFound()
+        return web.json_response({"version": self.version})
 
     async def __aenter__(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/version", self.version_route)
         self.runner, port = await serve_loopback(app)
         return f"http://127.0.0.1:{port}"
 
@@ -246,7 +273,8 @@ async def _main(*argv: str) -> int:
 
 
 async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
-    spec_server, base_server = RecordedStreams("completion-stream.sse"), RecordedStreams("completion-stream-no-spec-metrics.sse")
+    spec_server = RecordedStreams("completion-stream.sse", version="0.32.0")
+    base_server = RecordedStreams("completion-stream-no-spec-metrics.sse")
     async with spec_server as spec_url, base_server as base_url:
         out = tmp_path / "out"
         code = await _main("measure", "--url", spec_url, "--baseline-url", base_url, "--temperatures", "0,1",
@@ -287,29 +315,29 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
                and b["temperature"] in (0.0, 1.0) and b["model"] == "tiny-target" for b in sent)
 
 
-@pytest.mark.parametrize(
-    "argv, names",
-    [
-        (["--url", "localhost:8000"], "--url"),
-        (["--url", "http://x", "--temperatures", "0,hot"], "--temperatures"),
-        (["--url", "http://x", "--concurrency", "0"], "--concurrency"),
-        (["--url", "http://x", "--concurrency", "1.5"], "--concurrency"),
-        (["--url", "http://x", "--requests", "0"], "--requests"),
-        (["--url", "http://x", "--prompts", "nonexistent.jsonl"], "--prompts"),
-        (["--url", "http://x", "--fail-if-hurts-at", "0"], "--fail-if-hurts-at"),
-        (["--url", "http://x", "--baseline-url", "http://y", "--fail-if-hurts-at", "0.3"], "--fail-if-hurts-at"),
-        (["--url", "http://x", "--break-even", "0.9"], "--break-even"),
-    ],
-)
-def test_bad_settings_exit_2_with_one_line_naming_them(argv, names, capsys):
-    assert cli.main(["measure", *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and names in err[0]
+async def test_without_matplotlib_the_results_are_written_and_the_plots_skipped_once(tmp_path):
+    """No matplotlib: the results are written and one line says the plots were skipped and how to get them;
+    with --no-plots that line is not needed."""
+    async with RecordedStreams("completion-stream.sse", version="0.32.0") as url:
+        for no_plots in (False, True):
+            out = tmp_path / f"out-{no_plots}"
+            settings = MeasureSettings(url=url, temperatures="0", concurrency="1", requests=2, warmup=0, rounds=1,
+                                       max_tokens=24, bootstrap=100, out=out, no_plots=no_plots)
+            console = Console(record=True, width=200)
+            code = await asyncio.to_thread(run_measure, settings, console, None)
+            text = console.export_text()
+            assert code == 0
+            assert sorted(p.name for p in out.iterdir()) == ["requests.jsonl", "results.json"]
+            assert json.loads((out / "results.json").read_text())["cells"][0]["requests"] == 2
+            assert text.count("plots skipped") == (0 if no_plots else 1)
+            if not no_plots:
+                assert "pip install 'specdec-sidecar[measure]'" in text and "--no-plots" in text
 
 
-def test_unreachable_server_exits_3(tmp_path, unused_tcp_port):
-    code = cli.main(["measure", "--url", f"http://127.0.0.1:{unused_tcp_port}", "--model", "m", "--requests", "1",
-                     "--warmup", "0", "--rounds", "1", "--temperatures", "0", "--concurrency", "1",
-                     "--out", str(tmp_path), "--no-plots", "--timeout", "5"])
+async def test_a_server_that_lists_no_model_cannot_be_measured(tmp_path, capsys):
+    async with RecordedStreams("completion-stream.sse", models=()) as url:
+        code = await _main("measure", "--url", url, "--out", str(tmp_path / "out"), "--no-plots")
     assert code == 3
-    assert json.loads((tmp_path / "results.json").read_text())["cells"][0]["errors"] == 1
+    out = capsys.readouterr().out
+    assert "/v1/models names no model; pass --model" in out
+    assert not (tmp_path / "out").exists()

@@ -84,3 +84,16 @@ def test_ttft_and_tpot_come_from_streamed_requests_only():
     samples += hist("specdec_request_tpot_seconds", "false", (0, 10, 10, 10))
     row = build_view(samples, None, 10.0).buckets[0]
     assert row.ttft_p99 <= 0.1 and row.tpot_p99 <= 0.1
+
+
+def test_header_says_what_the_distributions_cover():
+    """The first frame has no earlier reading to subtract: its distributions are the sidecar's totals."""
+    from sidecar.commands.top import covering
+
+    console = Console(record=True, width=200)
+    console.print(render(build_view([], None, 0.0), "http://sidecar/metrics"))
+    first = console.export_text()
+    assert "since the sidecar started" in first and "last 0s" not in first
+    console.print(render(build_view([], [], 42.0), "http://sidecar/metrics"))
+    assert "distributions over the last 42s" in console.export_text()
+    assert covering(0.0) != covering(60.0) == "over the last 60s"
