@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import pytest
 from aiohttp import web
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -30,8 +30,23 @@ from fakes import FIXTURES, fixture_text, serve_loopback
 from sidecar.app import MONITOR, PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
 from sidecar.config import build_settings
-from sidecar.tap.metrics import OTHER_MODEL, UNKNOWN_MODEL, UNREAD_BUCKET, ModelNames, RequestMetrics
-from sidecar.tap.observe import OBSERVED_PATHS, BodyObserver, Outcome, RequestInfo, SseObserver, read_request
+from sidecar.tap.metrics import (
+    OTHER_MODEL,
+    UNATTRIBUTED_REASONS,
+    UNKNOWN_MODEL,
+    UNREAD_BUCKET,
+    ModelNames,
+    RequestMetrics,
+)
+from sidecar.tap.observe import (
+    OBSERVED_PATHS,
+    BodyObserver,
+    Outcome,
+    RequestInfo,
+    SpecStats,
+    SseObserver,
+    read_request,
+)
 from sidecar.upstream.exposition import Exposition, parse
 from sidecar.upstream.vllm_metrics import WANTED, VllmSnapshot, read_vllm_metrics
 
@@ -143,6 +158,10 @@ def spec_object(draw) -> dict:
     }  # fmt: skip
 
 
+# Numbers where a count stops being one: the edges of 0..2**53, booleans, floats, strings.
+COUNT_LIKE = st.one_of(st.integers(0, 500), st.sampled_from([-1, 2**53, 2**53 + 1, 2**63, True, False, 1.0, None, "3"]))
+
+
 @st.composite
 def response_events(draw) -> list[object]:
     """A stream's events: real chunks, chunks with hostile usage/metrics, garbage, deep nesting."""
@@ -245,7 +264,13 @@ def test_sse_observer_never_raises_and_the_outcome_records(events, cuts, noise, 
     for i, piece in enumerate(split_randomly(data, cuts)):
         observer.feed(piece, float(i), outcome)
     observer.finish(99.0, outcome)
-    assert outcome.finished
+    # However the stream was cut into reads, it records what one read of it records.
+    whole = Outcome(status=200)
+    observer = SseObserver()
+    observer.feed(data, 0.0, whole)
+    observer.finish(99.0, whole)
+    assert _recorded(outcome) == _recorded(whole)
+    _assert_attributed_or_a_reason(outcome)
     _record(b'{"model":"m","temperature":0.2,"stream":true}', outcome)
 
 
@@ -253,16 +278,25 @@ def test_sse_observer_never_raises_and_the_outcome_records(events, cuts, noise, 
 @given(st.one_of(response_events().map(lambda e: dumps(e[0]) if e and not isinstance(e[0], str) else b"{}"),
                  st.builds(lambda d: {"usage": {"completion_tokens": d}, "metrics": {"speculative_decoding": d}},
                            json_values).map(dumps),
+                 st.builds(lambda a, d, n, t: dumps({"usage": {"completion_tokens": t}, "metrics": {
+                     "speculative_decoding": {"num_accepted_draft_tokens": a, "num_draft_tokens": d,
+                                              "num_spec_steps": n}}}),
+                           COUNT_LIKE, COUNT_LIKE, COUNT_LIKE, COUNT_LIKE),
                  st.sampled_from([_deep(100_000).encode(), _deep(100_000, '{"a":').encode(), b""]),
                  st.binary(max_size=500)),
        st.lists(st.integers(0, 10**6), max_size=10), st.sampled_from([16, 1024, 4 * 1024 * 1024]))
+@example(dumps({"usage": {"completion_tokens": 3}, "metrics": {"speculative_decoding": {
+    "num_accepted_draft_tokens": 2**53 + 1, "num_draft_tokens": 2**53, "num_spec_steps": 1}}}), [7], 1024)
+@example(dumps({"usage": {"completion_tokens": True}, "metrics": {"speculative_decoding": {
+    "num_accepted_draft_tokens": 2**53, "num_draft_tokens": 2**53, "num_spec_steps": 0}}}), [], 1024)
 def test_body_observer_never_raises_and_the_outcome_records(body, cuts, limit):
     outcome = Outcome(status=200)
     observer = BodyObserver(limit)
     for i, piece in enumerate(split_randomly(body, cuts)):
         observer.feed(piece, float(i), outcome)
     observer.finish(99.0, outcome)
-    assert outcome.finished
+    assert _recorded(outcome) == _expected_body_outcome(body, limit)
+    _assert_attributed_or_a_reason(outcome)
     _record(b'{"model":"m","temperature":0}', outcome)
 
 
@@ -290,15 +324,79 @@ def test_huge_per_request_numbers_do_not_escape_the_recorder():
     observer = BodyObserver(1 << 20)
     observer.feed(body, 1.0, outcome)
     observer.finish(2.0, outcome)
-    _record(b'{"model":"m","temperature":0}', outcome)
+    # Beyond 2**53 a count is not a real token count: neither the tokens nor the metrics are taken.
+    assert (outcome.completion_tokens, outcome.spec, outcome.unattributed) == (None, None, "no_spec_metrics")
+    registry = _record(b'{"model":"m","temperature":0}', outcome)
+    assert registry.get_sample_value("specdec_requests_unattributed_total", {"reason": "no_spec_metrics"}) == 1
+    assert registry.get_sample_value("specdec_request_accepted_tokens_total",
+                                     {"model": "m", "temperature_bucket": "0", "source": "vllm"}) is None
 
 
-def _record(request_body: bytes, outcome: Outcome) -> None:
+def _recorded(outcome: Outcome) -> tuple:
+    """What an outcome says about its request, its clock readings aside."""
+    assert outcome.finished
+    return (outcome.status, outcome.completion_tokens, outcome.spec, outcome.unattributed, outcome.stream_error)
+
+
+def _count(value: object) -> bool:
+    """A token count as vLLM sends one: a JSON integer, not a boolean, 0..2**53."""
+    return type(value) is int and 0 <= value <= 2**53
+
+
+def _expected_body_outcome(body: bytes, limit: int) -> tuple:
+    """What a non-streamed response of *body* must record, worked out from the body itself."""
+    if len(body) > limit:
+        return (200, None, None, "response_too_large", False)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = None
+    if not isinstance(data, dict):
+        return (200, None, None, "unparsable_response", False)
+    usage = data.get("usage")
+    tokens = usage.get("completion_tokens", usage.get("output_tokens")) if isinstance(usage, dict) else None
+    metrics = data.get("metrics")
+    spec = metrics.get("speculative_decoding") if isinstance(metrics, dict) else None
+    counts = [spec.get(k) for k in ("num_accepted_draft_tokens", "num_draft_tokens", "num_spec_steps")] \
+        if isinstance(spec, dict) else []
+    if counts and all(_count(c) for c in counts):
+        stats = SpecStats(accepted=counts[0], drafted=counts[1], steps=counts[2], source="vllm")
+        return (200, tokens if _count(tokens) else None, stats, None, False)
+    return (200, tokens if _count(tokens) else None, None, "no_spec_metrics", False)
+
+
+def _assert_attributed_or_a_reason(outcome: Outcome) -> None:
+    """A finished outcome either carries the request's numbers or names why not, never both nor neither."""
+    assert (outcome.spec is None) != (outcome.unattributed is None), outcome
+    assert outcome.unattributed is None or outcome.unattributed in UNATTRIBUTED_REASONS
+    if outcome.spec is not None:
+        assert all(_count(v) for v in (outcome.spec.accepted, outcome.spec.steps))
+        assert outcome.spec.drafted is None or _count(outcome.spec.drafted)
+
+
+def _record(request_body: bytes, outcome: Outcome) -> CollectorRegistry:
+    """Record *outcome* as the tap does; the request is counted once, and once more as unattributed when it
+    names a reason, or its accepted tokens are counted."""
     registry = CollectorRegistry()
     metrics = RequestMetrics(registry, BUCKETS, ModelNames(["m"]))
-    metrics.request_done(read_request("completions", request_body), outcome, 0.0, 1.0)
+    info = read_request("completions", request_body)
+    metrics.request_done(info, outcome, 0.0, 1.0)
     metrics.totals()  # the tap's windows read these; they must not raise either
     render_parses(registry)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in registry.collect() for s in f.samples
+               if not s.name.endswith("_created")}
+    requests = sum(v for (name, _), v in samples.items() if name == "specdec_requests_total")
+    unattributed = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
+                    if name == "specdec_requests_unattributed_total" and v}
+    assert requests == 1
+    if outcome.unattributed is not None or outcome.spec is None:
+        assert unattributed == {outcome.unattributed or "no_spec_metrics": 1}
+    else:
+        assert unattributed == {}
+        bucket = BUCKETS.bucket(info.temperature, info.temperature_present)
+        assert registry.get_sample_value("specdec_request_accepted_tokens_total", {
+            "model": "m", "temperature_bucket": bucket, "source": outcome.spec.source}) == outcome.spec.accepted
+    return registry
 
 
 # --- through the proxy -------------------------------------------------------------------------------------
