@@ -8,7 +8,8 @@ cell, the order flipping each round, so drift (a warming cache, a neighbour's lo
 Per request it reads vLLM's ``metrics.speculative_decoding`` from the final usage chunk (vLLM run with
 ``--per-request-spec-decode-metrics summary``); without it, the stream-step estimate (accepted = completion
 tokens - content chunks, labelled ``stream_steps``), and TTFT, TPOT, e2e, output tokens and errors. It
-writes ``results.json``, ``requests.jsonl`` and PNG plots into ``--out``, prints a table, and exits
+writes ``results.json``, ``requests.jsonl``, with a baseline ``calibration.json`` (the fitted cost of a draft
+token per load level, for ``serve --calibration``) and PNG plots into ``--out``, prints a table, and exits
 non-zero as a CI gate when asked (``--fail-if-hurts-at``).
 
 Exit status (``ExitCode``): 0 done (gate passed); 1 the gate failed; 2 a bad setting; 3 a server could not be
@@ -20,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,6 +38,7 @@ from rich.text import Text
 
 from sidecar import __version__
 from sidecar.buckets import TemperatureBuckets
+from sidecar.calibration import Calibration, CalibrationError, ModelCalibration, dumps
 from sidecar.commands import measure_prompts
 from sidecar.commands.measure_stats import (
     BASELINE,
@@ -48,6 +52,7 @@ from sidecar.commands.measure_stats import (
     MeasureResults,
     RequestRecord,
     ResultThresholds,
+    calibrate,
     compare,
     fit_model,
     summarise,
@@ -58,6 +63,10 @@ from sidecar.tap.observe import Outcome, SseObserver, spec_from_vllm
 
 TAIL_BYTES = 16384  # the final usage chunk with vLLM's per-request metrics is well under this
 VERDICT_STYLE = {HELPS: "green", "neutral": "yellow", HURTS: "bold red"}
+CALIBRATION_FILE = "calibration.json"
+UNKNOWN_METHOD = "unknown"
+# vLLM's own names for its methods (``--speculative-config '{"method": ...}'``); any other word is accepted too.
+KNOWN_METHODS = ("ngram", "draft_model", "eagle", "eagle3", "medusa", "mlp_speculator", "mtp", "suffix")
 
 Plotter = Callable[[MeasureResults, Path], list[Path]]
 Temperature = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -73,6 +82,9 @@ class MeasureSettings(BaseModel):
         None, description="base URL of the same model served without speculative decoding")
     model: str | None = Field(None, description="model name to request (unset = the first one --url lists)")
     baseline_model: str | None = Field(None, description="model name on --baseline-url (unset = --model)")
+    method: str | None = Field(
+        None, description="speculative method of --url's server, for calibration.json (vLLM does not report it): "
+        f"{', '.join(KNOWN_METHODS)}, ... (unset = {UNKNOWN_METHOD})")
     temperatures: list[Temperature] = Field(
         [0.0, 0.4, 0.8, 1.0], description="temperatures, comma separated")
     concurrency: list[Annotated[int, Field(ge=1)]] = Field(
@@ -118,6 +130,13 @@ class MeasureSettings(BaseModel):
         if not value:
             raise ValueError("give at least one value, comma separated")
         return list(dict.fromkeys(value))
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[a-z][a-z0-9_]*", value):
+            raise ValueError(f"a lowercase word such as {', '.join(KNOWN_METHODS[:3])}")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> MeasureSettings:
@@ -260,6 +279,19 @@ async def discover_model(session: aiohttp.ClientSession, url: str, headers: dict
     return first["id"]
 
 
+async def read_vllm_version(session: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> str | None:
+    """vLLM's ``/version`` (``{"version": "0.32.0"}``) for calibration.json; None when it does not say."""
+    try:
+        async with session.get(f"{url}/version", headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as response:
+            if response.status != 200:
+                return None
+            data = await response.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None  # an older or proxied server without /version: the calibration says null
+    version = data.get("version") if isinstance(data, dict) else None
+    return version.strip() if isinstance(version, str) and version.strip() else None
+
+
 def _split(total: int, parts: int) -> list[int]:
     return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
@@ -267,13 +299,14 @@ def _split(total: int, parts: int) -> list[int]:
 Cells = dict[tuple[str, float, int], Cell]
 
 
-async def measure_cells(settings: MeasureSettings, console: Console) -> tuple[str, Cells]:
-    """Measure every cell; returns the model measured and the cells."""
+async def measure_cells(settings: MeasureSettings, console: Console) -> tuple[str, Cells, str | None]:
+    """Measure every cell; returns the model measured, the cells and the speculative server's vLLM version."""
     servers = [SPEC] + ([BASELINE] if settings.baseline_url else [])
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         headers = _headers(settings)
         model = settings.model or await discover_model(session, settings.url, headers)
+        version = await read_vllm_version(session, settings.url, headers) if settings.baseline_url else None
         runner = Runner(settings, model, session)
         cells: Cells = {}
         per_cell = (settings.requests + settings.warmup) * len(servers)
@@ -301,7 +334,7 @@ async def measure_cells(settings: MeasureSettings, console: Console) -> tuple[st
                             cell = cells[(server, temperature, concurrency)]
                             cell.records.extend(records)
                             cell.wall_seconds += wall
-    return model, cells
+    return model, cells, version
 
 
 def build_results(settings: MeasureSettings, model: str, cells: Cells) -> MeasureResults:
@@ -338,6 +371,28 @@ def build_results(settings: MeasureSettings, model: str, cells: Cells) -> Measur
     )
 
 
+def build_calibration(
+    settings: MeasureSettings, results: MeasureResults, cells: Cells, vllm_version: str | None, measured_at: str
+) -> tuple[ModelCalibration | None, list[str]]:
+    """The run as ``calibration.json``'s entry for its model, or None with the reasons there is none."""
+    if settings.baseline_url is None:
+        return None, ["no --baseline-url: without one there is no speed-up to fit the cost of a draft token to"]
+    if results.break_even_fit is None:
+        if results.num_spec_tokens is None:
+            return None, ["k is unknown: run --url's server with --per-request-spec-decode-metrics summary so "
+                          "each response reports it"]
+        return None, ["no paired cell had a TPOT speed-up and accepted tokens to fit"]
+    calibration, notes = calibrate(
+        results.break_even_fit, cells, model=results.model, method=settings.method or UNKNOWN_METHOD,
+        vllm_version=vllm_version, measured_at=measured_at, resamples=settings.bootstrap, seed=settings.seed + 1)
+    if calibration is not None:
+        try:
+            dumps(Calibration({calibration.model: calibration}))  # what the sidecar's load would refuse
+        except CalibrationError as error:
+            return None, [f"the fit is not a valid calibration ({error})"]
+    return calibration, notes
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{x * 100:.0f}%"
 
@@ -354,7 +409,7 @@ def _speedup(s: Interval | None) -> str:
     return f"{s.value:.2f}× [{s.ci_low:.2f}–{s.ci_high:.2f}]"
 
 
-def render(results: MeasureResults) -> list[Any]:
+def render(results: MeasureResults, calibration: ModelCalibration | None = None) -> list[Any]:
     paired = results.baseline_url is not None
     table = Table(title=f"specdec-sidecar measure: {results.model} ({results.prompts} prompts, "
                         f"{results.max_tokens} tokens)", title_justify="left")
@@ -380,14 +435,17 @@ def render(results: MeasureResults) -> list[Any]:
     out: list[Any] = [table]
     fit = results.break_even_fit
     if fit:
+        intervals = {lv.concurrency: lv for lv in calibration.levels} if calibration else {}
         model = Table(title=f"Break-even model per load level (k={fit.k}; c = cost of a draft token "
                             "in target forward passes)", title_justify="left")
-        for column in ("C", "fitted c", "break-even α", "break-even acceptance", "α (the mix)",
+        for column in ("C", "fitted c", "c 95% CI", "break-even α", "break-even acceptance", "α (the mix)",
                        "model speed-up", "pays", "best k"):
             model.add_column(column, justify="right")
         for lv in fit.levels:
+            cal = intervals.get(float(lv.concurrency))
             model.add_row(
                 str(lv.concurrency), "—" if lv.draft_cost is None else f"{lv.draft_cost:.3f}",
+                "—" if cal is None else f"{cal.draft_cost_low:.3f}–{cal.draft_cost_high:.3f}",
                 "never" if lv.draft_cost is not None and lv.break_even_alpha is None else _pct(lv.break_even_alpha),
                 _pct(lv.break_even_acceptance_rate), _pct(lv.alpha),
                 "—" if lv.predicted_speedup is None else f"{lv.predicted_speedup:.2f}×",
@@ -429,9 +487,10 @@ def find_plotter() -> Plotter | None:
 
 
 def write_outputs(
-    settings: MeasureSettings, results: MeasureResults, records: list[RequestRecord], plotter: Plotter | None,
+    settings: MeasureSettings, results: MeasureResults, records: list[RequestRecord],
+    calibration: ModelCalibration | None, plotter: Plotter | None,
 ) -> list[Path]:
-    """results.json, requests.jsonl and the plots; the paths written."""
+    """results.json, requests.jsonl, calibration.json (when there is one) and the plots; the paths written."""
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.json", out / "requests.jsonl"]
@@ -439,6 +498,10 @@ def write_outputs(
     with open(written[1], "w") as handle:
         for record in records:
             handle.write(json.dumps(record.to_json()) + "\n")
+    if calibration is not None:
+        text = dumps(Calibration({calibration.model: calibration}))
+        (out / CALIBRATION_FILE).write_text(text)
+        written.append(out / CALIBRATION_FILE)
     if plotter is not None and not settings.no_plots:
         written += plotter(results, out)
     return written
@@ -446,8 +509,9 @@ def write_outputs(
 
 def run_measure(settings: MeasureSettings, console: Console, plotter: Plotter | None) -> ExitCode:
     """Measure, write, report. ``plotter`` None: no matplotlib, so the plots are skipped with a note."""
+    measured_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        model, cells = asyncio.run(measure_cells(settings, console))
+        model, cells, version = asyncio.run(measure_cells(settings, console))
     except Unmeasurable as error:
         console.print(Text(f"cannot measure: {error}", style="bold red"))
         return ExitCode.UNMEASURABLE
@@ -456,13 +520,27 @@ def run_measure(settings: MeasureSettings, console: Console, plotter: Plotter | 
     records = [r for c in cells.values() for r in c.records]
     results = build_results(settings, model, cells)
     dead = [r for r in results.cells if r.requests == 0]
-    written = write_outputs(settings, results, records, plotter)
-    for item in render(results):
+    calibration, notes = (None, ["a cell had no successful request"]) if dead else build_calibration(
+        settings, results, cells, version, measured_at)
+    written = write_outputs(settings, results, records, calibration, plotter)
+    for item in render(results, calibration):
         console.print(item)
     console.print(Text("wrote " + ", ".join(str(p) for p in written)))
     if plotter is None and not settings.no_plots:
         console.print(Text("plots skipped: matplotlib is not installed (pip install 'specdec-sidecar[measure]' "
                            "for them, or pass --no-plots)"))
+    if settings.baseline_url is not None:
+        if calibration is None:
+            console.print(Text(f"no {CALIBRATION_FILE}: {'; '.join(notes)}", style="yellow"))
+        else:
+            for note in notes:
+                console.print(Text(f"{CALIBRATION_FILE}: left out {note}", style="yellow"))
+            if settings.method is None:
+                console.print(Text(f"{CALIBRATION_FILE}: method {UNKNOWN_METHOD} (vLLM does not report it; pass "
+                                   f"--method {'|'.join(KNOWN_METHODS[:3])}|...)", style="yellow"))
+    stale = settings.out / CALIBRATION_FILE
+    if calibration is None and stale.exists():
+        console.print(Text(f"note: {stale} is from an earlier run; this run wrote none", style="yellow"))
     if dead:
         first = dead[0]
         errors = [rec.error for rec in records if rec.server == first.server and not rec.ok]

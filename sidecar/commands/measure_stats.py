@@ -1,10 +1,11 @@
-"""``measure``'s arithmetic: requests -> cells -> speed-ups with uncertainty -> the break-even fit.
+"""``measure``'s arithmetic: requests -> cells -> speed-ups with uncertainty -> the break-even fit -> calibration.
 
 Pure functions over plain records, so the figures in ``results.json`` can be recomputed from the
 per-request JSONL. Acceptance is token-weighted (sum of accepted / sum of drafted, never a mean of
 ratios). A speed-up is baseline / speculative for TPOT and speculative / baseline for throughput, so above
-1 always means speculation helps; its 95% interval comes from a seeded bootstrap over requests. The
-break-even model and thresholds come from :mod:`sidecar.decision`.
+1 always means speculation helps; its 95% interval comes from a seeded bootstrap over requests, and so does
+the interval of the fitted draft cost in ``calibration.json``. The break-even model and thresholds come from
+:mod:`sidecar.decision`, the calibration's format from :mod:`sidecar.calibration`.
 
 Every result is a frozen dataclass whose ``to_json()`` is its part of ``results.json``; field order is key
 order.
@@ -14,10 +15,11 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from sidecar.buckets import TemperatureBuckets
+from sidecar.calibration import Level, ModelCalibration, break_even_of
 from sidecar.decision import (
     DEFAULT_BREAK_EVEN,
     DEFAULT_NEAR_UPPER,
@@ -428,6 +430,82 @@ def schedule(levels: Sequence[tuple[int, int | None]]) -> Schedule | None:
         else:
             entries.append([start, end, k])
     return Schedule(VLLM_CONFIG_KEY, entries)
+
+
+# --- calibration.json: the fit with its uncertainty ------------------------------------------------------
+
+def paired_point(spec: Sequence[RequestRecord], baseline: Sequence[RequestRecord]) -> tuple[float, float] | None:
+    """(E, S) of one paired cell from its requests, as ``fit_model`` reads them from the cells' summaries:
+    E = output tokens per target pass of the speculative requests, S = baseline TPOT P50 / speculative."""
+    e = tokens_per_pass(sum(r.output_tokens or 0 for r in spec), sum(r.accepted_tokens or 0 for r in spec))
+    spec_tpot, base_tpot = median_tpot(spec), median_tpot(baseline)
+    if e is None or not spec_tpot or not base_tpot:
+        return None
+    return e, base_tpot / spec_tpot
+
+
+def draft_cost_interval(
+    pairs: Sequence[tuple[Cell, Cell]], k: int, resamples: int, seed: int, confidence: float = CONFIDENCE
+) -> tuple[float, float] | None:
+    """The percentile bootstrap interval of c at one level, as for the speed-ups: each resample draws every
+    cell's requests again (each server's on its own, with replacement) and refits c over the level's cells.
+    A resample in which some cell yields no (E, S) is dropped; ``None`` when over half are."""
+    rng = random.Random(seed)
+    oks = [(spec.ok, baseline.ok) for spec, baseline in pairs]
+    costs: list[float] = []
+    for _ in range(resamples):
+        points = []
+        for spec, baseline in oks:
+            point = paired_point([rng.choice(spec) for _ in spec], [rng.choice(baseline) for _ in baseline])
+            if point is None:
+                break
+            points.append(point)
+        else:
+            c = fit_draft_cost(points, k)
+            if c is not None:
+                costs.append(c)
+    if not pairs or len(costs) < resamples // 2:
+        return None
+    tail = (1.0 - confidence) / 2
+    return sample_quantile(tail, costs), sample_quantile(1.0 - tail, costs)  # type: ignore[return-value]
+
+
+def calibrate(
+    fit: BreakEvenFit,
+    cells: Mapping[tuple[str, float, int], Cell],
+    *,
+    model: str,
+    method: str,
+    vllm_version: str | None,
+    measured_at: str,
+    resamples: int,
+    seed: int,
+) -> tuple[ModelCalibration | None, list[str]]:
+    """The fit as one model's calibration, and why any level was left out.
+
+    A cost below 0 (the speculative server measured faster than E alone explains) is written as 0: a draft
+    token cannot cost less than nothing. The interval is widened to contain the fitted cost when the
+    percentile bootstrap of a small cell leaves it outside, and held at 0 from below like the cost.
+    """
+    levels: list[Level] = []
+    skipped: list[str] = []
+    for index, lv in enumerate(fit.levels):
+        if lv.draft_cost is None or lv.suggested_num_speculative_tokens is None:
+            skipped.append(f"concurrency {lv.concurrency}: no cost could be fitted")
+            continue
+        pairs = [(cells[(SPEC, e.temperature, lv.concurrency)], cells[(BASELINE, e.temperature, lv.concurrency)])
+                 for e in lv.per_temperature]
+        interval = draft_cost_interval(pairs, fit.k, resamples, seed + 104729 * index)
+        if interval is None:
+            skipped.append(f"concurrency {lv.concurrency}: too few requests with a TPOT for an interval")
+            continue
+        cost = max(0.0, lv.draft_cost)
+        low, high = max(0.0, min(interval[0], lv.draft_cost)), max(0.0, interval[1], lv.draft_cost)
+        levels.append(Level(float(lv.concurrency), cost, low, high, break_even_of(cost),
+                            lv.suggested_num_speculative_tokens))
+    if not levels:
+        return None, skipped
+    return ModelCalibration(model, method, fit.k, tuple(levels), vllm_version, measured_at), skipped
 
 
 # --- results.json ----------------------------------------------------------------------------------------

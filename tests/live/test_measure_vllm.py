@@ -24,6 +24,7 @@ from collections import defaultdict
 import pytest
 
 from conftest import start_vllm
+from sidecar.calibration import load as load_calibration
 from sidecar.commands.measure_stats import VLLM_CONFIG_KEY, schedule
 from sidecar.upstream.vllm_metrics import read_vllm_metrics
 from devstack.vllm_server import REPO, ngram_config, vllm_python
@@ -172,6 +173,9 @@ def test_measure_on_real_vllm(servers, tmp_path):
     assert fit["schedule"]["key"] == "num_speculative_tokens_per_batch_size"
     assert fit["schedule"]["value"][0][0] == 1
     vllm_accepts_schedule(fit["schedule"]["key"], fit["schedule"]["value"])
+    # With a baseline the run also writes the calibration the sidecar loads, for the model it measured.
+    calibration = load_calibration(out / "calibration.json").models[results["model"]]
+    assert calibration.k == 4 and [lv.concurrency for lv in calibration.levels] == [1.0, 2.0]
 
     import matplotlib.pyplot as plt
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from dataclasses import replace
+from datetime import datetime
 
 import pytest
 from aiohttp import web
@@ -12,6 +14,7 @@ from rich.console import Console
 
 from sidecar import cli
 from sidecar.buckets import TemperatureBuckets
+from sidecar.calibration import load as load_calibration
 from sidecar.commands.measure import MeasureSettings, num_spec_tokens, run_measure
 from sidecar.commands.measure_prompts import load as load_prompts
 from sidecar.commands.measure_stats import (
@@ -25,7 +28,9 @@ from sidecar.commands.measure_stats import (
     RequestRecord,
     Speedup,
     bootstrap_ratio,
+    calibrate,
     compare,
+    draft_cost_interval,
     fit_model,
     schedule,
     speedup_verdict,
@@ -279,7 +284,8 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
         out = tmp_path / "out"
         code = await _main("measure", "--url", spec_url, "--baseline-url", base_url, "--temperatures", "0,1",
                            "--concurrency", "1,3", "--requests", "6", "--warmup", "1", "--rounds", "2",
-                           "--max-tokens", "24", "--bootstrap", "200", "--out", str(out), "--fail-if-hurts-at", "0")
+                           "--max-tokens", "24", "--bootstrap", "200", "--out", str(out), "--fail-if-hurts-at", "0",
+                           "--method", "ngram")
     assert code in (0, 1)  # the gate depends on timing noise between two identical replays; checked below
     results = json.loads((out / "results.json").read_text())
     truth = _spec_line("completion-stream.sse")
@@ -313,11 +319,23 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
     assert len(sent) == 2 * 2 * 2 * 7
     assert all(b["stream"] is True and b["stream_options"] == {"include_usage": True} and b["max_tokens"] == 24
                and b["temperature"] in (0.0, 1.0) and b["model"] == "tiny-target" for b in sent)
+    # A run with a baseline writes a calibration the sidecar accepts, holding the fit of results.json.
+    calibration = load_calibration(out / "calibration.json").models["tiny-target"]
+    assert (calibration.method, calibration.k, calibration.vllm_version) == ("ngram", 4, "0.32.0")
+    assert datetime.fromisoformat(calibration.measured_at).utcoffset().total_seconds() == 0
+    fitted = {lv["concurrency"]: lv for lv in results["break_even_fit"]["levels"]}
+    assert [lv.concurrency for lv in calibration.levels] == [1.0, 3.0] == sorted(fitted)
+    for level in calibration.levels:
+        fit = fitted[level.concurrency]
+        assert level.draft_cost == pytest.approx(max(0.0, fit["draft_cost"]))
+        assert level.draft_cost_low <= level.draft_cost <= level.draft_cost_high
+        assert level.break_even == min(1.0, level.draft_cost)
+        assert level.best_k == fit["suggested_num_speculative_tokens"]
 
 
-async def test_without_matplotlib_the_results_are_written_and_the_plots_skipped_once(tmp_path):
-    """No matplotlib: the results are written and one line says the plots were skipped and how to get them;
-    with --no-plots that line is not needed."""
+async def test_without_a_baseline_no_calibration_and_without_matplotlib_the_results_still(tmp_path):
+    """No --baseline-url: nothing to fit c to, so no calibration.json. No matplotlib: the results are written
+    and one line says the plots were skipped and how to get them; with --no-plots that line is not needed."""
     async with RecordedStreams("completion-stream.sse", version="0.32.0") as url:
         for no_plots in (False, True):
             out = tmp_path / f"out-{no_plots}"
@@ -332,6 +350,25 @@ async def test_without_matplotlib_the_results_are_written_and_the_plots_skipped_
             assert text.count("plots skipped") == (0 if no_plots else 1)
             if not no_plots:
                 assert "pip install 'specdec-sidecar[measure]'" in text and "--no-plots" in text
+            assert "calibration" not in text  # no baseline, nothing said about a calibration
+
+
+async def test_with_a_baseline_but_k_unknown_no_calibration_and_it_says_why(tmp_path):
+    """Without vLLM's per-request metrics k is unknown and c cannot be fitted: no calibration.json, one line
+    saying why and what to change; a calibration.json an earlier run left is kept and pointed out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "calibration.json").write_text("{}")
+    async with RecordedStreams("completion-stream-no-spec-metrics.sse") as spec, \
+            RecordedStreams("completion-stream-no-spec-metrics.sse") as base:
+        settings = MeasureSettings(url=spec, baseline_url=base, temperatures="0", concurrency="1", requests=2,
+                                   warmup=0, rounds=1, max_tokens=24, bootstrap=100, out=out, no_plots=True)
+        console = Console(record=True, width=300)
+        assert await asyncio.to_thread(run_measure, settings, console, None) == 0
+    text = console.export_text()
+    assert "no calibration.json: k is unknown" in text and "--per-request-spec-decode-metrics summary" in text
+    assert "calibration.json is from an earlier run; this run wrote none" in text
+    assert (out / "calibration.json").read_text() == "{}"
 
 
 async def test_a_server_that_lists_no_model_cannot_be_measured(tmp_path, capsys):
@@ -341,3 +378,95 @@ async def test_a_server_that_lists_no_model_cannot_be_measured(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "/v1/models names no model; pass --model" in out
     assert not (tmp_path / "out").exists()
+
+
+# --- the draft cost's interval and calibration.json ------------------------------------------------------
+
+def _paired_cells(c: float, k: int = 4, n: int = 30, seed: int = 1, concurrency: int = 1) -> dict:
+    """Paired cells at two temperatures whose TPOTs follow the model for draft cost c, with +-10% noise."""
+    import random
+
+    rng = random.Random(seed)
+    cells = {}
+    for temperature, alpha in ((0.0, 0.8), (1.0, 0.1)):
+        e = expected_tokens_per_step(alpha, k)
+        spec, base = [], []
+        for i in range(n):
+            base_tpot = 0.02 * (1 + rng.uniform(-0.1, 0.1))
+            spec_tpot = 0.02 * (k * c + 1) / e * (1 + rng.uniform(-0.1, 0.1))
+            spec.append(_record(accepted=round(100 - 100 / e), drafted=100, tokens=100, tpot=spec_tpot))
+            base.append(_record(server=BASELINE, tokens=100, tpot=base_tpot, k=None))
+        cells[(SPEC, temperature, concurrency)] = Cell(SPEC, temperature, concurrency, spec, 1.0)
+        cells[(BASELINE, temperature, concurrency)] = Cell(BASELINE, temperature, concurrency, base, 1.0)
+    return cells
+
+
+def _fit(cells: dict, k: int = 4):
+    rows = []
+    for (server, temperature, concurrency), cell in cells.items():
+        row = summarise(cell, TemperatureBuckets())
+        if server == SPEC:
+            row = replace(row, speedup=compare(cell, cells[(BASELINE, temperature, concurrency)], 0.05, 200))
+        rows.append(row)
+    return fit_model(rows, k)
+
+
+def test_draft_cost_interval_brackets_the_true_cost_and_narrows_with_more_requests():
+    widths = []
+    for n in (8, 120):
+        cells = _paired_cells(0.2, n=n)
+        pairs = [(cells[(SPEC, t, 1)], cells[(BASELINE, t, 1)]) for t in (0.0, 1.0)]
+        low, high = draft_cost_interval(pairs, 4, resamples=400, seed=3)
+        assert low < 0.2 < high
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2  # about 1/sqrt(15) as wide with 15x the requests
+    assert draft_cost_interval([], 4, resamples=100, seed=0) is None
+
+
+def test_calibrate_holds_the_fit_and_clamps_a_negative_cost_to_zero():
+    cells = _paired_cells(0.2)
+    fit = _fit(cells)
+    calibration, skipped = calibrate(fit, cells, model="m", method="ngram", vllm_version=None,
+                                     measured_at="2026-11-25T15:22:00Z", resamples=200, seed=0)
+    [level] = calibration.levels
+    assert skipped == [] and level.concurrency == 1.0
+    assert level.draft_cost == pytest.approx(fit.levels[0].draft_cost) == pytest.approx(0.2, abs=0.05)
+    assert level.draft_cost_low <= level.draft_cost <= level.draft_cost_high and level.break_even == level.draft_cost
+    assert level.best_k == fit.levels[0].suggested_num_speculative_tokens
+    # Faster than E alone explains (the noise of a tiny draft): the fit says c < 0, the calibration 0.
+    cells = _paired_cells(-0.1)
+    fit = _fit(cells)
+    assert fit.levels[0].draft_cost < 0
+    calibration, _ = calibrate(fit, cells, model="m", method="ngram", vllm_version=None,
+                               measured_at="2026-11-25T15:22:00Z", resamples=200, seed=0)
+    level = calibration.levels[0]
+    assert level.draft_cost == 0.0 == level.draft_cost_low == level.break_even and level.draft_cost_high >= 0.0
+    assert math.isfinite(level.draft_cost_high)
+
+
+@pytest.mark.parametrize(
+    "argv, names",
+    [
+        (["--url", "localhost:8000"], "--url"),
+        (["--url", "http://x", "--temperatures", "0,hot"], "--temperatures"),
+        (["--url", "http://x", "--concurrency", "0"], "--concurrency"),
+        (["--url", "http://x", "--concurrency", "1.5"], "--concurrency"),
+        (["--url", "http://x", "--requests", "0"], "--requests"),
+        (["--url", "http://x", "--prompts", "nonexistent.jsonl"], "--prompts"),
+        (["--url", "http://x", "--fail-if-hurts-at", "0"], "--fail-if-hurts-at"),
+        (["--url", "http://x", "--baseline-url", "http://y", "--fail-if-hurts-at", "0.3"], "--fail-if-hurts-at"),
+        (["--url", "http://x", "--break-even", "0.9"], "--break-even"),
+    ],
+)
+def test_bad_settings_exit_2_with_one_line_naming_them(argv, names, capsys):
+    assert cli.main(["measure", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and names in err[0]
+
+
+def test_unreachable_server_exits_3(tmp_path, unused_tcp_port):
+    code = cli.main(["measure", "--url", f"http://127.0.0.1:{unused_tcp_port}", "--model", "m", "--requests", "1",
+                     "--warmup", "0", "--rounds", "1", "--temperatures", "0", "--concurrency", "1",
+                     "--out", str(tmp_path), "--no-plots", "--timeout", "5"])
+    assert code == 3
+    assert json.loads((tmp_path / "results.json").read_text())["cells"][0]["errors"] == 1

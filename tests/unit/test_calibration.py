@@ -72,7 +72,7 @@ def test_good_file_parses_to_the_typed_form():
         "tiny-target", "ngram", 4, "0.32.0", "2026-11-25T15:22:00Z")
     assert m.levels[1] == Level(4.0, 0.1, 0.06, 0.15, 0.1, 2)
     assert isinstance(m.levels[0].concurrency, float) and cal.source_path is None
-    assert parse(edited(f"models.tiny-target.vllm_version", None)).models["tiny-target"].vllm_version is None
+    assert parse(edited("models.tiny-target.vllm_version", None)).models["tiny-target"].vllm_version is None
 
 
 @pytest.mark.parametrize(
