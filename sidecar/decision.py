@@ -301,6 +301,31 @@ def best_num_speculative_tokens(alpha: float, c: float, k_max: int) -> int:
     return best_k
 
 
+# vLLM 0.32's dynamic speculation: SpeculativeConfig.num_speculative_tokens_per_batch_size, a list of
+# [first batch size, last batch size, k] ranges (inclusive, the first starting at 1, sorted, not overlapping;
+# vLLM carries the last k on to max_num_seqs and checks it with validate_and_normalize_dynamic_sd_schedule).
+VLLM_SCHEDULE_KEY = "num_speculative_tokens_per_batch_size"
+
+
+def speculation_schedule(levels: Sequence[tuple[float, int | None]]) -> list[list[int]] | None:
+    """The best k per load level, ``(concurrency, k)`` pairs in rising concurrency (k None: unknown there),
+    as vLLM's schedule: each level starts a range that runs up to the next level (the first from 1), and
+    neighbouring ranges with the same k merge. ``measure`` (from its fit) and the sidecar (from the live
+    acceptance at each calibrated level) both build their recommendation here."""
+    known = [(int(concurrency), k) for concurrency, k in levels if k is not None]
+    if not known:
+        return None
+    entries: list[list[int]] = []
+    for i, (concurrency, k) in enumerate(known):
+        start = 1 if i == 0 else max(concurrency, entries[-1][1] + 1)
+        end = max(known[i + 1][0] - 1, start) if i + 1 < len(known) else max(concurrency, start)
+        if entries and entries[-1][2] == k:
+            entries[-1][1] = end
+        else:
+            entries.append([start, end, k])
+    return entries
+
+
 def sample_quantile(q: float, values: Sequence[float]) -> float | None:
     """Quantile of raw observations, linearly interpolated between order statistics (numpy's default).
 

@@ -15,9 +15,18 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING
 
-from sidecar.decision import Judgement, Thresholds, calibrated_thresholds, default_thresholds, judge
+from sidecar.decision import (
+    Judgement,
+    Thresholds,
+    alpha_from_mean_acceptance_length,
+    best_num_speculative_tokens,
+    calibrated_thresholds,
+    default_thresholds,
+    judge,
+    speculation_schedule,
+)
 from sidecar.tap.windows import BucketCounts, BucketKey, TapHealth
-from sidecar.upstream.derive import WindowStats
+from sidecar.upstream.derive import LoadCell, WindowStats
 
 if TYPE_CHECKING:
     from sidecar.calibration import Calibration, ModelCalibration
@@ -36,12 +45,61 @@ class CalibrationUse:
 
 
 @dataclass(frozen=True, slots=True)
+class LevelAdvice:
+    """One calibrated load level: the live acceptance seen while vLLM ran that many requests (up to the next
+    level) and the k that pays best there: from the live acceptance when the history holds --min-drafts draft
+    steps at that load (``source="live"``), else the calibration's own (``source="calibration"``)."""
+
+    concurrency: float
+    draft_cost: float
+    acceptance: float | None
+    best_k: int
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleAdvice:
+    """The recommended ``num_speculative_tokens_per_batch_size`` for a calibrated model."""
+
+    entries: tuple[tuple[int, int, int], ...]
+    levels: tuple[LevelAdvice, ...]
+
+    @property
+    def json(self) -> str:
+        return "[" + ",".join(f"[{a},{b},{k}]" for a, b, k in self.entries) + "]"
+
+
+def live_schedule(cal: ModelCalibration, profile: Mapping[int, LoadCell], min_drafts: float) -> ScheduleAdvice | None:
+    """Per calibrated level, the best k for the live acceptance at that load (the calibrated draft cost, the
+    Leviathan model in ``decision``), as vLLM's schedule (``decision.speculation_schedule``, as ``measure``)."""
+    advice = []
+    for i, level in enumerate(cal.levels):
+        low = level.concurrency if i else float("-inf")
+        high = cal.levels[i + 1].concurrency if i + 1 < len(cal.levels) else float("inf")
+        cells = [cell for load, cell in profile.items() if low <= load < high]
+        accepted, drafted, drafts = (sum(getattr(c, f) for c in cells) for f in ("accepted", "drafted", "drafts"))
+        acceptance = accepted / drafted if drafted > 0 else None
+        if drafts >= min_drafts and drafts > 0 and cal.k > 0:
+            length = min(1.0 + accepted / drafts, cal.k + 1.0)
+            alpha = alpha_from_mean_acceptance_length(length, cal.k)
+            best = best_num_speculative_tokens(alpha, max(level.draft_cost, 0.0), cal.k)
+            advice.append(LevelAdvice(level.concurrency, level.draft_cost, acceptance, best, "live"))
+        else:
+            advice.append(LevelAdvice(level.concurrency, level.draft_cost, acceptance, level.best_k, "calibration"))
+    entries = speculation_schedule([(a.concurrency, a.best_k) for a in advice])
+    if entries is None:
+        return None
+    return ScheduleAdvice(tuple((a, b, k) for a, b, k in entries), tuple(advice))
+
+
+@dataclass(frozen=True, slots=True)
 class Assessment:
     models: Mapping[str, Judgement] = field(default_factory=lambda: MappingProxyType({}))
     buckets: Mapping[BucketKey, Judgement] = field(default_factory=lambda: MappingProxyType({}))
     thresholds: Mapping[str, Thresholds] = field(default_factory=lambda: MappingProxyType({}))
     calibration: Mapping[str, CalibrationUse] = field(default_factory=lambda: MappingProxyType({}))
     load: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    schedules: Mapping[str, ScheduleAdvice] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _model_counts(stats: WindowStats | None, k: int | None) -> tuple[float | None, float | None, float | None]:
@@ -81,6 +139,7 @@ def assess(
     thresholds: dict[str, Thresholds] = {}
     uses: dict[str, CalibrationUse] = {}
     loads: dict[str, float] = {}
+    schedules: dict[str, ScheduleAdvice] = {}
     for model in names:
         cal = calibration.models.get(model) if calibration is not None else None
         load = upstream.load.get(model)
@@ -94,6 +153,10 @@ def assess(
         uses[model] = (
             CalibrationUse("measure", cal.method, str(cal.k), cal.measured_at) if cal else CalibrationUse("default")
         )
+        if cal is not None and health is not None:
+            advice = live_schedule(cal, health.load_profile.get(model, {}), settings.min_drafts)
+            if advice is not None:
+                schedules[model] = advice
     buckets = {
         key: judge(c.accepted, c.drafted, c.steps, settings.min_drafts, thresholds[key[0]])
         for key, c in bucket_counts.items()
@@ -101,5 +164,5 @@ def assess(
     }
     return Assessment(
         MappingProxyType(judgements), MappingProxyType(buckets), MappingProxyType(thresholds),
-        MappingProxyType(uses), MappingProxyType(loads),
+        MappingProxyType(uses), MappingProxyType(loads), MappingProxyType(schedules),
     )  # fmt: skip

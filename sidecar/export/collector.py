@@ -145,6 +145,15 @@ class HealthCollector(Collector):
             "measure`, with its method, k and time) or default (the configured thresholds). Value 1.",
             labels=["model", "source", "method", "k", "measured_at"],
         )
+        schedule = GaugeMetricFamily(
+            "specdec_recommended_schedule_info",
+            "Calibrated models: the recommended vLLM num_speculative_tokens_per_batch_size (its JSON in the "
+            "schedule label), the best k per calibrated load level for the acceptance seen live at that load "
+            "(the calibration's own where the history holds too few drafts there). Value 1.",
+            labels=["model", "schedule"],
+        )
+        for model, advice in sorted(assessment.schedules.items()):
+            schedule.add_metric([model, advice.json], 1.0)
         for model, t in sorted(assessment.thresholds.items()):
             break_even.add_metric([model], t.break_even)
             upper.add_metric([model], t.near_upper)
@@ -153,6 +162,7 @@ class HealthCollector(Collector):
         yield break_even
         yield upper
         yield info
+        yield schedule
 
     def _buckets(self, tap: TapHealth | None, assessment: Assessment) -> Iterator[GaugeMetricFamily]:
         """Acceptance and verdict per (model, temperature bucket), as judged from the tap's numbers."""

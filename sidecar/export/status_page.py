@@ -169,7 +169,21 @@ def render_page(view: View, settings: Settings, runbook_base: str = RUNBOOK_BASE
         )
     if not view.buckets:
         out.append('<tr><td class="l" colspan="14">No traffic through the proxy yet</td></tr>')
-    out.append("</tbody></table></body></html>\n")
+    out.append("</tbody></table>")
+    for model, advice in sorted(view.schedules.items()):
+        out.append(f'<h2>Recommended k schedule for {esc(model)}</h2><p class="meta">vLLM\'s '
+                   f'<code>--speculative-config \'{{"num_speculative_tokens_per_batch_size": '
+                   f'<span class="schedule" data-model="{esc(model)}">{esc(advice.json)}</span>}}\'</code>: '
+                   "the best k per calibrated load level for the acceptance seen live at that load (the "
+                   "calibration's own where too few drafts ran at it).</p>")
+        out.append('<table class="levels"><thead><tr><th>running requests from</th><th>draft cost c</th>'
+                   '<th>live acceptance</th><th>best k</th><th class="l">from</th></tr></thead><tbody>')
+        for level in advice.levels:
+            out.append(f"<tr><td>{level.concurrency:g}</td><td>{level.draft_cost:.3f}</td>"
+                       f"<td>{percent1(level.acceptance)}</td><td>{level.best_k}</td>"
+                       f'<td class="l">{esc(level.source)}</td></tr>')
+        out.append("</tbody></table>")
+    out.append("</body></html>\n")
     return "".join(out)
 
 

@@ -29,7 +29,7 @@ from sidecar.upstream.exposition import Sample
 
 if TYPE_CHECKING:
     from sidecar.config import Settings
-    from sidecar.export.assessment import Assessment
+    from sidecar.export.assessment import Assessment, ScheduleAdvice
     from sidecar.tap.windows import TapHealth
     from sidecar.upstream.monitor import MonitorState
 
@@ -102,6 +102,7 @@ class View:
     models: list[ModelRow] = field(default_factory=list)
     buckets: list[Row] = field(default_factory=list)
     span: float = 0.0
+    schedules: Mapping[str, ScheduleAdvice] = field(default_factory=dict)
 
 
 def bucket_row(model: str, bucket: str, counts: BucketCounts, min_drafts: float, verdict: str,
@@ -138,7 +139,8 @@ def view_from_snapshots(
 ) -> View:
     """The status page's view: the verdict window of both sources, judged as the collector judges them."""
     window = settings.verdict_window
-    view = View(up=state.up, span=tap.spans.get(window, 0.0) if tap is not None else 0.0)
+    view = View(up=state.up, span=tap.spans.get(window, 0.0) if tap is not None else 0.0,
+                schedules=dict(assessment.schedules))
     health = state.health if state.up else None
     if health is not None:
         for model, group in sorted(health.models.items()):

@@ -13,6 +13,7 @@ every engine ever seen, so an engine that disappears never makes a model's total
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from itertools import islice
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -282,6 +283,47 @@ class Health:
     engines: Mapping[SeriesKey, GroupHealth]
     spans: Mapping[float, float]
     totals: Mapping[str, Counts] = field(default_factory=lambda: MappingProxyType({}))
+    # Per model: draft work by the load it ran at, over the whole history (see ``load_profile``).
+    load_profile: Mapping[str, Mapping[int, LoadCell]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCell:
+    """Draft work done between polls while a model ran this many requests: what the live
+    ``num_speculative_tokens_per_batch_size`` recommendation reads per load level."""
+
+    accepted: float = 0.0
+    drafted: float = 0.0
+    drafts: float = 0.0
+
+    def plus(self, accepted: float, drafted: float, drafts: float) -> LoadCell:
+        return LoadCell(self.accepted + accepted, self.drafted + drafted, self.drafts + drafts)
+
+
+def load_profile(points: Sequence[Point]) -> dict[str, dict[int, LoadCell]]:
+    """Per model, the accepted / drafted tokens and draft steps of each poll interval in *points*, added up by
+    the model's running requests at the end of the interval (rounded; vLLM's batch size, near enough)."""
+    profile: dict[str, dict[int, LoadCell]] = {}
+    for before, after in zip(points, islice(points, 1, None)):
+        running: dict[str, float] = {}
+        for (model, _), sample in after.snapshot.engines.items():
+            if sample.running is not None:
+                running[model] = running.get(model, 0.0) + sample.running
+        deltas: dict[str, list[float]] = {}
+        for key, engine in after.engines.items():
+            if key[0] not in running:
+                continue
+            base = before.totals(key)
+            d = deltas.setdefault(key[0], [0.0, 0.0, 0.0])
+            for i, name in enumerate(("accepted_tokens", "draft_tokens", "drafts")):
+                d[i] += _delta(engine.totals.named, base.named if base else None, name) or 0.0
+        for model, (accepted, drafted, drafts) in deltas.items():
+            if drafted <= 0:
+                continue
+            cells = profile.setdefault(model, {})
+            load = round(running[model])
+            cells[load] = cells.get(load, LoadCell()).plus(accepted, drafted, drafts)
+    return profile
 
 
 def _engine_deltas(now: Counts, base: Counts | None) -> tuple[dict[str, float | None], dict[int, float]]:
@@ -365,7 +407,9 @@ def derive(
         if model in model_health:
             totals[model] = totals.get(model, Counts()).plus(engine.totals)
 
+    profile = load_profile(points)
     return Health(
+        load_profile=MappingProxyType({m: MappingProxyType(c) for m, c in profile.items() if m in model_health}),
         totals=MappingProxyType(totals),
         models=MappingProxyType(model_health),
         engines=MappingProxyType(engine_health),

@@ -115,6 +115,7 @@ async def test_sidecar_page_stays_within_the_budget(aiohttp_client, tmp_path):
             counts = count_families(await page(), openmetrics=True)
             return (counts["specdec_bucket_verdict"] == 32 and counts["specdec_bucket_acceptance_rate"] == 8
                     and counts["specdec_bucket_modelled_speedup"] == 8 and counts["specdec_modelled_speedup"] == 1
+                    and counts["specdec_recommended_schedule_info"] == 1
                     and counts["specdec_acceptance_rate"] == 3 and counts["specdec_position_acceptance_rate"] == 12)
 
         await wait_for(complete, timeout=30, what="every derived family on the page")

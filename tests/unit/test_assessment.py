@@ -144,3 +144,25 @@ def test_tap_verdicts_keep_the_last_load_while_vllm_is_unreachable():
     assert result.thresholds["m"].break_even == pytest.approx(0.3)
     assert result.buckets[("m", "0")].verdict is Verdict.DISABLE  # 0.15 acceptance against 0.3 at load 8
     assert not math.isnan(result.buckets[("m", "0")].modelled_speedup)
+
+
+def test_live_schedule_takes_each_levels_own_acceptance_and_falls_back_to_the_calibration():
+    from sidecar.export.assessment import live_schedule
+    from sidecar.upstream.derive import LoadCell
+
+    cal = calibration(levels=(Level(1, 0.02, 0.0, 0.05, 0.02, 2), Level(4, 0.1, 0.05, 0.15, 0.1, 2),
+                              Level(16, 0.6, 0.5, 0.7, 0.6, 3)), k=4)
+    profile = {
+        1: LoadCell(accepted=380, drafted=400, drafts=100),   # load 1-3: nearly every draft accepted
+        2: LoadCell(accepted=380, drafted=400, drafts=100),
+        6: LoadCell(accepted=10, drafted=400, drafts=100),    # load 4-15: 2.5% accepted at c = 0.1: k=0
+        # nothing ran at 16 or more: the calibration's k for that level
+    }
+    advice = live_schedule(cal.models["m"], profile, min_drafts=50)
+    assert [(a.source, a.best_k) for a in advice.levels] == [("live", 4), ("live", 0), ("calibration", 3)]
+    assert advice.levels[0].acceptance == pytest.approx(0.95)
+    assert advice.entries == ((1, 3, 4), (4, 15, 0), (16, 16, 3))
+    assert advice.json == "[[1,3,4],[4,15,0],[16,16,3]]"
+    # too few drafts anywhere: the calibration's schedule as measure wrote it
+    thin = live_schedule(cal.models["m"], {1: LoadCell(10, 10, 5)}, min_drafts=50)
+    assert thin.entries == ((1, 15, 2), (16, 16, 3))
