@@ -30,9 +30,12 @@ from sidecar.decision import (
     clamped_ratio,
     decide,
     fit_draft_cost,
+    Verdict,
     sample_quantile,
+    speculation_schedule,
     speculative_speedup,
 )
+from sidecar.decision import speedup_verdict as modelled_verdict
 
 SPEC, BASELINE = "spec", "baseline"
 HELPS, NEUTRAL, HURTS = "helps", "neutral", "hurts"
@@ -141,12 +144,15 @@ def inverse(statistic: Callable[[Sequence[RequestRecord]], float | None]):
 
 
 def speedup_verdict(interval: Interval, band: float) -> str:
-    """helps: the whole interval above 1 and the point at least ``band`` above; hurts: the mirror; else neutral."""
+    """helps: the whole interval above 1 and the point a ``use`` by the sidecar's own band
+    (``decision.speedup_verdict``: at least 1 + band); hurts: the whole interval below 1 and the point a
+    ``disable`` (below 1 - band); else neutral."""
     if interval.value is None or interval.ci_low is None or interval.ci_high is None:
         return NEUTRAL
-    if interval.ci_low > 1.0 and interval.value >= 1.0 + band:
+    point = modelled_verdict(interval.value, band)
+    if interval.ci_low > 1.0 and point is Verdict.USE:
         return HELPS
-    if interval.ci_high < 1.0 and interval.value <= 1.0 - band:
+    if interval.ci_high < 1.0 and point is Verdict.DISABLE:
         return HURTS
     return NEUTRAL
 
@@ -412,24 +418,10 @@ def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None
 
 def schedule(levels: Sequence[tuple[int, int | None]]) -> Schedule | None:
     """The best k per load level, ``(concurrency, k)`` pairs in rising concurrency (k None: not fitted), as
-    vLLM's dynamic speculation schedule.
-
-    Entries are ``[first batch size, last batch size, k]``, inclusive, the first starting at 1; each
-    measured concurrency starts a range that runs up to the next one; vLLM carries the last entry on to
-    ``max_num_seqs``. Neighbouring ranges with the same k are merged.
+    vLLM's dynamic speculation schedule, built by ``decision.speculation_schedule`` (as the sidecar's live one).
     """
-    known = [(concurrency, k) for concurrency, k in levels if k is not None]
-    if not known:
-        return None
-    entries: list[list[int]] = []
-    for i, (concurrency, k) in enumerate(known):
-        start = 1 if i == 0 else concurrency
-        end = known[i + 1][0] - 1 if i + 1 < len(known) else max(concurrency, start)
-        if entries and entries[-1][2] == k:
-            entries[-1][1] = end
-        else:
-            entries.append([start, end, k])
-    return Schedule(VLLM_CONFIG_KEY, entries)
+    entries = speculation_schedule(levels)
+    return Schedule(VLLM_CONFIG_KEY, entries) if entries is not None else None
 
 
 # --- calibration.json: the fit with its uncertainty ------------------------------------------------------

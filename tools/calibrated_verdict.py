@@ -1,0 +1,193 @@
+"""The calibrated verdict on a real vLLM, end to end: calibrate with ``measure``, then judge live traffic with and
+without the calibration, then check the verdict against a paired measurement of that same traffic.
+
+1. Two real vLLM servers (CPU build, the project's tiny target): n-gram speculation (k = 4) and none.
+2. ``specdec-sidecar measure`` on both (``--calibrate-*`` grid) writes ``calibration.json``.
+3. Two sidecars in a chain in front of the speculative server, so both taps see every request and both poll
+   the same vLLM: client -> uncalibrated sidecar's proxy -> calibrated sidecar's proxy -> vLLM.
+4. The workload (``--prompts`` at ``--temperature``, ``--clients`` at a time) runs for ``--seconds``; then both
+   sidecars' verdicts, acceptance, break-even and modelled speed-up are read from their /metrics.
+5. A paired ``measure`` of the same workload (same prompts, temperature and concurrency) gives the measured
+   speed-up and its 95% interval.
+
+Everything binds to 127.0.0.1 and is stopped at the end. The summary goes to ``--out/summary.json`` and the
+terminal. Takes about 10 minutes on 2 cores.
+
+    .venv/bin/python tools/calibrated_verdict.py --out calibrated-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from devstack.vllm_server import VllmServer, free_port, ngram_config  # noqa: E402
+from sidecar.commands.measure_prompts import builtin  # noqa: E402
+from sidecar.upstream.exposition import parse  # noqa: E402
+
+MODEL = "tiny-target"
+
+
+def measure(spec: str, baseline: str, out: Path, prompts: str, temperatures: str, concurrency: str,
+            requests: int) -> dict:
+    cmd = [sys.executable, "-m", "sidecar", "measure", "--url", spec, "--baseline-url", baseline,
+           "--method", "ngram", "--prompts", prompts, "--temperatures", temperatures, "--concurrency", concurrency,
+           "--requests", str(requests), "--warmup", "2", "--rounds", "2", "--max-tokens", "96", "--out", str(out),
+           "--no-plots"]
+    print("+", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return json.loads((out / "results.json").read_text())
+
+
+def sidecar(upstream: str, metrics_port: int, proxy_port: int, calibration: Path | None, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "sidecar", "serve", "--upstream", upstream, "--metrics-host", "127.0.0.1",
+           "--metrics-port", str(metrics_port), "--proxy-host", "127.0.0.1", "--proxy-port", str(proxy_port),
+           "--scrape-interval", "2s", "--windows", "1m,2m", "--verdict-window", "2m", "--min-drafts", "100",
+           "--models", MODEL, "--log-format", "json"]
+    if calibration is not None:
+        cmd += ["--calibration", str(calibration)]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"sidecar on :{port} not ready")
+
+
+def workload(base: str, temperature: float, prompts: str, clients: int, seconds: float) -> int:
+    chosen = builtin(prompts)
+    stop = time.monotonic() + seconds
+    done = [0]
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        n = i
+        while time.monotonic() < stop:
+            prompt = chosen[n % len(chosen)]
+            body = {"model": MODEL, **prompt.body(), "max_tokens": 96, "temperature": temperature}
+            req = urllib.request.Request(base + prompt.path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+            with lock:
+                done[0] += 1
+            n += clients
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done[0]
+
+
+def read_page(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        samples = parse(r.read().decode()).samples
+    out: dict = {"buckets": {}}
+    for s in samples:
+        if s.label("model") != MODEL:
+            continue
+        bucket = s.label("temperature_bucket")
+        if s.name == "specdec_verdict" and s.value == 1:
+            out["verdict"] = s.label("verdict")
+        elif s.name == "specdec_spec_decode_draft_acceptance_rate":
+            out["acceptance"] = s.value
+        elif s.name == "specdec_break_even_acceptance_rate":
+            out["break_even"] = s.value
+        elif s.name == "specdec_modelled_speedup":
+            out["modelled_speedup"] = s.value
+        elif s.name == "specdec_calibration_info":
+            out["source"] = s.label("source")
+        elif s.name == "specdec_requests_running":
+            out["running"] = s.value
+        elif s.name == "specdec_recommended_schedule_info":
+            out["schedule"] = s.label("schedule")
+        elif s.name == "specdec_bucket_verdict" and s.value == 1:
+            out["buckets"].setdefault(bucket, {})["verdict"] = s.label("verdict")
+        elif s.name == "specdec_bucket_acceptance_rate":
+            out["buckets"].setdefault(bucket, {})["acceptance"] = s.value
+        elif s.name == "specdec_bucket_modelled_speedup":
+            out["buckets"].setdefault(bucket, {})["modelled_speedup"] = s.value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("calibrated-run"))
+    parser.add_argument("--calibrate-prompts", default="code")
+    parser.add_argument("--calibrate-temperatures", default="0,0.3,1")
+    parser.add_argument("--calibrate-concurrency", default="1,4")
+    parser.add_argument("--calibrate-requests", type=int, default=16)
+    parser.add_argument("--prompts", default="code", help="the live workload's prompt set")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=150.0)
+    parser.add_argument("--confirm-requests", type=int, default=32)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"workload": {"prompts": args.prompts, "temperature": args.temperature, "clients": args.clients,
+                                  "seconds": args.seconds}}
+    spec = VllmServer(speculative=ngram_config(4), log_path=args.out / "vllm-spec.log")
+    base = VllmServer(per_request_metrics=False, log_path=args.out / "vllm-baseline.log")
+    processes: list[subprocess.Popen] = []
+    try:
+        spec.start()
+        base.start()
+        print(f"vLLM up: spec {spec.url}, baseline {base.url}", flush=True)
+        calibrate = measure(spec.url, base.url, args.out / "calibrate", args.calibrate_prompts,
+                            args.calibrate_temperatures, args.calibrate_concurrency, args.calibrate_requests)
+        calibration = args.out / "calibrate" / "calibration.json"
+        summary["calibration"] = json.loads(calibration.read_text())
+        summary["calibrate_schedule"] = (calibrate.get("break_even_fit") or {}).get("schedule")
+
+        a_metrics, a_proxy, b_metrics, b_proxy = (free_port() for _ in range(4))
+        processes.append(sidecar(spec.url, a_metrics, a_proxy, calibration, args.out / "sidecar-calibrated.log"))
+        processes.append(sidecar(f"http://127.0.0.1:{a_proxy}", b_metrics, b_proxy, None,
+                                 args.out / "sidecar-default.log"))
+        wait_ready(a_metrics)
+        wait_ready(b_metrics)
+        sent = workload(f"http://127.0.0.1:{b_proxy}", args.temperature, args.prompts, args.clients, args.seconds)
+        time.sleep(3)  # one more poll of vLLM's counters by both sidecars
+        summary["requests_sent"] = sent
+        summary["calibrated_sidecar"] = read_page(a_metrics)
+        summary["default_sidecar"] = read_page(b_metrics)
+        for p in processes:
+            p.terminate()
+            p.wait(timeout=10)
+        processes.clear()
+
+        confirm = measure(spec.url, base.url, args.out / "confirm", args.prompts, f"{args.temperature:g}",
+                          str(args.clients), args.confirm_requests)
+        cell = next(c for c in confirm["cells"] if c["server"] == "spec")
+        summary["confirm"] = {"acceptance_rate": cell["acceptance_rate"], "speedup": cell["speedup"]}
+    finally:
+        for p in processes:
+            p.terminate()
+        base.stop()
+        spec.stop()
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "calibration"}, indent=2))
+    print(json.dumps(summary["calibration"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
