@@ -50,9 +50,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import aiohttp  # noqa: E402
 from aiohttp import web  # noqa: E402
 
+from devstack.vllm_server import free_port  # noqa: E402
+from fakes import ProgressingVllm, feed  # noqa: E402
+
 GROWING = ("_total", "_bucket", "_sum", "_count")
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$")
-TEMPERATURES: tuple[object, ...] = (0, 0.2, 0.4, 0.6, 0.9, 1.5, None, "hot")
 BEGIN, END = "<!-- bench_fleet:begin -->", "<!-- bench_fleet:end -->"
 
 
@@ -61,17 +63,8 @@ BEGIN, END = "<!-- bench_fleet:begin -->", "<!-- bench_fleet:end -->"
 async def capture_page() -> str:
     from prometheus_client import CollectorRegistry
 
-    from conftest import FIXTURES, ReplayVllm
     from sidecar.app import PROXY_PORT, create_app
     from sidecar.config import build_settings
-
-    class ProgressingVllm(ReplayVllm):
-        polls = 0
-
-        async def metrics(self, request: web.Request) -> web.Response:
-            page = f"vllm-0.32-draft-t{min(self.polls // 2, 4)}.prom"
-            self.polls += 1
-            return web.Response(body=(FIXTURES / page).read_bytes(), content_type="text/plain")
 
     upstream = ProgressingVllm()
     await upstream.start()
@@ -84,20 +77,8 @@ async def capture_page() -> str:
     await site.start()
     metrics_url = f"http://127.0.0.1:{runner.addresses[0][1]}/metrics"
     try:
-        proxy = f"http://127.0.0.1:{runner.app[PROXY_PORT]}/v1/completions"
         async with aiohttp.ClientSession() as session:
-            for temperature in TEMPERATURES:
-                for stream, fake in ((False, ""), (True, ""), (True, "no-spec")):
-                    body: dict = {"model": "tiny-target", "prompt": "x", "stream": stream}
-                    if temperature is not None:
-                        body["temperature"] = temperature
-                    async with session.post(proxy, json=body, headers={"X-Fake": fake}) as r:
-                        await r.read()
-            async with session.post(proxy, json={"model": "tiny-target", "temperature": 0.2},
-                                    headers={"X-Fake": "error"}) as r:
-                await r.read()
-            async with session.post(proxy, data=b"{not json", headers={"X-Fake": "echo"}) as r:
-                await r.read()
+            await feed(session, f"http://127.0.0.1:{runner.app[PROXY_PORT]}")
             deadline = time.monotonic() + 30
             while True:
                 async with session.get(metrics_url) as r:
@@ -111,7 +92,7 @@ async def capture_page() -> str:
                 await asyncio.sleep(0.2)
     finally:
         await runner.cleanup()
-        await upstream.runner.cleanup()
+        await upstream.stop()
 
 
 # --- 2. N synthetic sidecars ---------------------------------------------------------------------------------
@@ -195,12 +176,6 @@ def write_config(workdir: Path, port: int, pods: int, interval: int, idle: bool 
     path = workdir / "prometheus.yml"
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
     return path
-
-
-def free_port() -> int:
-    from devstack.vllm_server import free_port as pick
-
-    return pick()
 
 
 def read_self_metrics(url: str) -> dict[str, float]:

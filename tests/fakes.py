@@ -234,6 +234,112 @@ class ReplayVllm(_Served):
         return app
 
 
+class ProgressingVllm(ReplayVllm):
+    """The replay upstream, whose /metrics walks through the recorded captures t0..t4 (two polls each), so
+    every derived family (windowed rates, positions, verdicts) is rendered; ``extra`` is appended to each page
+    (another model's series, say)."""
+
+    pages = [f"vllm-0.32-draft-t{i}.prom" for i in range(5)]
+
+    def __init__(self, extra: str = "") -> None:
+        super().__init__()
+        self.extra = extra
+        self.polls = 0
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        page = self.pages[min(self.polls // 2, len(self.pages) - 1)]
+        self.polls += 1
+        return web.Response(text=fixture_text(page) + self.extra, content_type="text/plain")
+
+
+# A vLLM V0 engine's page (model "old"): the names V1 dropped, which the sidecar passes through.
+V0_PAGE = """\
+# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
+# TYPE vllm:gpu_cache_usage_perc gauge
+vllm:gpu_cache_usage_perc{model_name="old"} 0.37
+vllm:num_requests_running{model_name="old"} 4.0
+vllm:num_requests_waiting{model_name="old"} 1.0
+vllm:spec_decode_draft_acceptance_rate{model_name="old"} 0.61
+vllm:spec_decode_efficiency{model_name="old"} 0.55
+vllm:spec_decode_num_accepted_tokens_total{model_name="old"} 610.0
+vllm:spec_decode_num_draft_tokens_total{model_name="old"} 1000.0
+vllm:spec_decode_num_emitted_tokens_total{model_name="old"} 800.0
+vllm:generation_tokens_total{model_name="old"} 1500.0
+vllm:num_preemptions_total{model_name="old"} 2.0
+"""
+
+# One temperature per default bucket: 0, 0-0.3, 0.3-0.5, 0.5-0.7, 0.7-1.0, gt1.0, default (omitted), invalid.
+FEED_TEMPERATURES: tuple[object, ...] = (0, 0.2, 0.4, 0.6, 0.9, 1.5, None, "hot")
+
+
+async def feed(session, proxy: str) -> None:
+    """Through the proxy at *proxy* to a ``ReplayVllm``: streamed and plain completions with and without
+    vLLM's per-request metrics in every temperature bucket, one upstream error and one unparsable request."""
+    completions = proxy + "/v1/completions"
+    for temperature in FEED_TEMPERATURES:
+        for stream, fake in ((False, ""), (True, ""), (True, "no-spec")):
+            body: dict = {"model": MODEL, "prompt": "x", "stream": stream}
+            if temperature is not None:
+                body["temperature"] = temperature
+            async with session.post(completions, json=body, headers={"X-Fake": fake}) as r:
+                assert r.status == 200
+                await r.read()
+    async with session.post(completions, json={"model": MODEL, "temperature": 0.2}, headers={"X-Fake": "error"}) as r:
+        assert r.status == 500
+        await r.read()
+    async with session.post(completions, data=b"{not json", headers={"X-Fake": "echo"}) as r:
+        assert r.status == 200
+        await r.read()
+
+
+def write_calibration(path: Path) -> Path:
+    """A calibration for the tiny target (one load level, c = 0.1), as ``measure`` writes one."""
+    from sidecar.calibration import Calibration, Level, ModelCalibration, dumps
+
+    path.write_text(dumps(Calibration({MODEL: ModelCalibration(
+        MODEL, "draft_model", 4, (Level(1, 0.1, 0.05, 0.15, 0.1, 4),), "0.32.0", "2026-12-04T18:00:00Z")})))
+    return path
+
+
+# Families that appear only once the windows, the tap and the calibration all have data.
+DERIVED = ("specdec_bucket_verdict", "specdec_bucket_acceptance_rate", "specdec_bucket_modelled_speedup",
+           "specdec_modelled_speedup", "specdec_recommended_schedule_info", "specdec_acceptance_rate",
+           "specdec_position_acceptance_rate", "specdec_upstream_reported_acceptance_rate")
+
+
+async def fed_sidecar_page(workdir: Path, timeout: float = 30.0) -> str:
+    """The /metrics page (Prometheus text format) of a sidecar that has seen everything it can export: its
+    upstream's counters moving (``ProgressingVllm``, with a V0 engine beside the V1 one), ``feed``'s traffic
+    through its proxy, and a calibration for the tiny target."""
+    import aiohttp
+
+    upstream = ProgressingVllm(extra=V0_PAGE)
+    await upstream.start()
+    sidecar = None
+    try:
+        sidecar = await start_sidecar(upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s", windows="10m",
+                                      verdict_window="10m", models=MODEL, log_level="warning",
+                                      calibration=str(write_calibration(workdir / "calibration.json")))
+        async with aiohttp.ClientSession() as session:
+            await feed(session, sidecar.proxy_url)
+
+            async def page() -> str:
+                async with session.get(sidecar.url + "/metrics") as r:
+                    assert r.status == 200
+                    return await r.text()
+
+            async def complete() -> bool:
+                text = await page()
+                return all(f"\n{name}{{" in text for name in DERIVED)
+
+            await wait_for(complete, timeout=timeout, what=f"every derived family on the page ({', '.join(DERIVED)})")
+            return await page()
+    finally:
+        if sidecar is not None:
+            await sidecar.stop()
+        await upstream.stop()
+
+
 _ENGINE = re.compile(r'engine="0"')
 
 

@@ -4,16 +4,17 @@
     python tools/dashboards.py --check              # exit 1 if the committed JSON is stale or a query is wrong
 
 ``--check`` fails when the committed JSON differs from what this file builds, when a query names a metric
-that nobody defines (the README's "Exported series" table, a recording rule in alerts/recording-rules.yaml,
-a vLLM name the sidecar reads, or a Prometheus built-in), when a rate ignores ``$__rate_interval``, when a
-division has no ``> 0`` guard on its denominator, or when a panel misses the datasource variable or a link to
-an existing runbook section. Queries read the recorded series wherever a recording rule exists; raw series
+that nobody defines (a series a sidecar that has seen everything exports, started here on loopback; a
+recording rule in alerts/recording-rules.yaml; a vLLM name the sidecar reads; or a Prometheus built-in), when
+a rate ignores ``$__rate_interval``, when a division has no ``> 0`` guard on its denominator, or when a panel
+misses the datasource variable or a link to an existing runbook section. Queries read the recorded series wherever a recording rule exists; raw series
 are queried only where no rule records what the panel needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -624,23 +625,33 @@ PROMQL_KEYWORDS = {
 PROMETHEUS_BUILTINS = {"up", "ALERTS", "ALERTS_FOR_STATE"}
 
 
+@functools.cache
+def exported_series_names() -> frozenset[str]:
+    """Every series name (``_total``, ``_bucket``, ``_sum``, ``_count`` included) on the page of a sidecar that
+    has seen everything it can export (tests/fakes.py's ``fed_sidecar_page``: a loopback upstream replaying
+    vLLM, traffic through the tap, a calibration): what the code exports, not what the README says."""
+    import asyncio
+    import tempfile
+
+    sys.path[:0] = [str(REPO), str(REPO / "tests")]
+    from fakes import fed_sidecar_page
+
+    with tempfile.TemporaryDirectory(prefix="dashboards-") as workdir:
+        page = asyncio.run(fed_sidecar_page(Path(workdir)))
+    return frozenset(line.split("{")[0].split(" ")[0] for line in page.splitlines()
+                     if line and not line.startswith("#"))
+
+
 def defined_metric_names() -> tuple[set[str], set[str]]:
-    """(exact names, prefixes) anyone defines: the README table, the recording rules, what the sidecar reads."""
+    """(exact names, prefixes) anyone defines: what a fed sidecar exports, the recording rules, what the
+    sidecar reads from vLLM, Prometheus's own series."""
     import yaml
 
     sys.path.insert(0, str(REPO))
     from sidecar.upstream.vllm_metrics import WANTED
 
-    names: set[str] = set(PROMETHEUS_BUILTINS) | set(WANTED)
+    names: set[str] = set(PROMETHEUS_BUILTINS) | set(WANTED) | exported_series_names()
     prefixes: set[str] = set()
-    readme = (REPO / "README.md").read_text()
-    for name, kind in re.findall(r"^\| `(specdec_[a-z_*]+)` \| ([a-z ()A-Za-z]+?) \|", readme, re.M):
-        if name.endswith("*"):
-            prefixes.add(name.rstrip("*"))
-        elif kind.strip() == "histogram":
-            names.update({name + "_bucket", name + "_sum", name + "_count"})
-        else:
-            names.add(name)
     for group in yaml.safe_load((REPO / "alerts" / "recording-rules.yaml").read_text())["groups"]:
         for rule in group["rules"]:
             if "record" in rule:

@@ -128,7 +128,7 @@ async def test_upstream_starting_gets_clean_errors_quickly():
 
 async def test_client_abort_mid_stream_aborts_in_vllm(vllm):
     sidecar = await start_sidecar(vllm.url, upstream_connect_timeout="2s")
-    proxy, registry = sidecar.proxy_url, sidecar.registry
+    proxy = sidecar.proxy_url
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             body = {"model": MODEL, "prompt": "def main(", "max_tokens": 400, "ignore_eos": True,

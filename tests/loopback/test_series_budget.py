@@ -10,15 +10,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from fakes import FIXTURES, ReplayVllm, wait_for
+from fakes import ProgressingVllm, feed, wait_for, write_calibration
 from sidecar.app import PROXY_PORT, create_app
 from sidecar.buckets import TemperatureBuckets
-from sidecar.calibration import Calibration, Level, ModelCalibration, dumps
 from sidecar.config import build_settings
 from sidecar.decision import histogram_quantile
 from sidecar.tap.metrics import ACCEPTANCE_BUCKETS, UNREAD_BUCKET
@@ -30,8 +28,6 @@ SCALING = Path(__file__).resolve().parents[2] / "docs" / "scaling.md"
 # What Prometheus sends when it scrapes (it gets OpenMetrics from prometheus_client).
 PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
                      "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
-# One temperature per default bucket: 0, 0-0.3, 0.3-0.5, 0.5-0.7, 0.7-1.0, gt1.0, default (omitted), invalid.
-TEMPERATURES: tuple[object, ...] = (0, 0.2, 0.4, 0.6, 0.9, 1.5, None, "hot")
 
 
 def budget_table() -> dict[str, int]:
@@ -39,22 +35,6 @@ def budget_table() -> dict[str, int]:
     table = {name: int(n) for name, n in rows}
     assert len(table) == len(rows), "a family has two budget rows"
     return table
-
-
-class ProgressingVllm(ReplayVllm):
-    """The replay upstream, whose /metrics walks through the recorded captures t0..t4 (two polls each), so
-    every derived family (windowed rates, positions, verdicts) is rendered."""
-
-    pages = [f"vllm-0.32-draft-t{i}.prom" for i in range(5)]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.polls = 0
-
-    async def metrics(self, request: web.Request) -> web.Response:
-        page = self.pages[min(self.polls // 2, len(self.pages) - 1)]
-        self.polls += 1
-        return web.Response(body=(FIXTURES / page).read_bytes(), content_type="text/plain")
 
 
 def count_families(text: str, openmetrics: bool) -> Counter:
@@ -80,30 +60,14 @@ async def test_sidecar_page_stays_within_the_budget(aiohttp_client, tmp_path):
     upstream = ProgressingVllm()
     await upstream.start()
     # calibrated, so the modelled speed-ups are on the page too: the worst case
-    calibration = tmp_path / "calibration.json"
-    calibration.write_text(dumps(Calibration({"tiny-target": ModelCalibration(
-        "tiny-target", "draft_model", 4, (Level(1, 0.1, 0.05, 0.15, 0.1, 4),), "0.32.0", "2026-12-04T18:00:00Z")})))
+    calibration = write_calibration(tmp_path / "calibration.json")
     try:
         settings = build_settings(upstream=upstream.url, scrape_interval="0.1s", scrape_timeout="0.1s",
                                   proxy_port=0, proxy_host="127.0.0.1", models="tiny-target", min_drafts=1,
                                   calibration=str(calibration))
         assert settings.temperature_buckets == TemperatureBuckets()  # the default edges
         client = await aiohttp_client(create_app(settings, CollectorRegistry()))
-        proxy = f"http://127.0.0.1:{client.app[PROXY_PORT]}/v1/completions"
-        session = client.session
-        for temperature in TEMPERATURES:
-            for stream, fake in ((False, ""), (True, ""), (True, "no-spec")):
-                body: dict = {"model": "tiny-target", "prompt": "x", "stream": stream}
-                if temperature is not None:
-                    body["temperature"] = temperature
-                async with session.post(proxy, json=body, headers={"X-Fake": fake}) as r:
-                    assert r.status == 200
-                    await r.read()
-        async with session.post(proxy, json={"model": "tiny-target", "temperature": 0.2},
-                                headers={"X-Fake": "error"}) as r:
-            assert r.status == 500
-        async with session.post(proxy, data=b"{not json", headers={"X-Fake": "echo"}) as r:
-            assert r.status == 200
+        await feed(client.session, f"http://127.0.0.1:{client.app[PROXY_PORT]}")
 
         async def page() -> str:
             async with client.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT}) as r:
@@ -123,7 +87,7 @@ async def test_sidecar_page_stays_within_the_budget(aiohttp_client, tmp_path):
         async with client.get("/metrics") as r:
             plain = await r.text()
     finally:
-        await upstream.runner.cleanup()
+        await upstream.stop()
 
     counts = count_families(text, openmetrics=True)
     total = sum(counts.values())

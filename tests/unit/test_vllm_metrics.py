@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from fakes import fixture_text
+from fakes import V0_PAGE, fixture_text
 from sidecar.upstream.vllm_metrics import read_vllm_metrics
 
 
@@ -54,24 +54,8 @@ def test_data_parallel_engines_and_several_models():
         assert sample.kv_capacity_tokens == one.kv_capacity_tokens
 
 
-V0_TEXT = """\
-# HELP vllm:gpu_cache_usage_perc GPU KV-cache usage. 1 means 100 percent usage.
-# TYPE vllm:gpu_cache_usage_perc gauge
-vllm:gpu_cache_usage_perc{model_name="old"} 0.37
-vllm:num_requests_running{model_name="old"} 4.0
-vllm:num_requests_waiting{model_name="old"} 1.0
-vllm:spec_decode_draft_acceptance_rate{model_name="old"} 0.61
-vllm:spec_decode_efficiency{model_name="old"} 0.55
-vllm:spec_decode_num_accepted_tokens_total{model_name="old"} 610.0
-vllm:spec_decode_num_draft_tokens_total{model_name="old"} 1000.0
-vllm:spec_decode_num_emitted_tokens_total{model_name="old"} 800.0
-vllm:generation_tokens_total{model_name="old"} 1500.0
-vllm:num_preemptions_total{model_name="old"} 2.0
-"""
-
-
 def test_v0_names():
-    s = read_vllm_metrics(V0_TEXT).engines[("old", "0")]
+    s = read_vllm_metrics(V0_PAGE).engines[("old", "0")]
     assert s.kv_usage_ratio == 0.37
     assert (s.v0_acceptance_rate, s.v0_efficiency) == (0.61, 0.55)
     assert (s.accepted_tokens, s.draft_tokens, s.emitted_tokens, s.drafts) == (610, 1000, 800, None)
