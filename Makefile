@@ -44,7 +44,7 @@ demo:
 test: venv vllm system-deps k8s-tools
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest --durations=20
 
-## test-fast: the unit and loopback tiers (tests/unit, tests/loopback): no vLLM, no live servers, under 90 s on 2 cores
+## test-fast: the unit and loopback tiers (tests/unit, tests/loopback): no vLLM, no live servers
 test-fast: venv system-deps
 	$(BIN)/python -m pytest -m "unit or loopback" --durations=10 tests/unit tests/loopback
 

@@ -2,7 +2,7 @@
 
 The chart cannot read files outside its own directory, so it carries copies under
 helm/specdec-sidecar/files/. They are generated, never edited: run ``make chart`` after changing alerts/ or
-dashboards/. ``--check`` exits 1 (listing the differences) when the copies are stale; tests/test_helm.py
+dashboards/. ``--check`` exits 1 (listing the differences) when the copies are stale; tests/live/test_helm.py
 runs it.
 
 Rule files are the Prometheus rule files whose ``groups`` go into the PrometheusRule; alertmanager.yml is

@@ -7,7 +7,7 @@ request body was not read: too large or not JSON), ``source`` ``vllm``/``stream_
 prompts, users or headers ever reach a label or a log line.
 
 Every series is paid for by the fleet's Prometheus, so the families are cut to what the rules, ``top`` and
-the dashboards read (the budget per family is in ``docs/scaling.md`` and ``tests/test_series_budget.py``):
+the dashboards read (the budget per family is in ``docs/scaling.md`` and ``tests/loopback/test_series_budget.py``):
 
 * per temperature bucket: the acceptance histogram (edges at the 0.5 and 0.65 thresholds), and TTFT/TPOT
   for streamed requests only (a non-streamed request has no first token of its own: its latency is the
