@@ -172,6 +172,7 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         settings.upstream,
         app[REQUESTS],
         max_observed_body=settings.max_observed_body,
+        max_buffered_bytes=settings.max_buffered_bytes or None,
         connect_timeout=settings.upstream_connect_timeout,
         # Idle connections retire after --upstream-keepalive, before vLLM (uvicorn, 5 s) closes them.
         keepalive=settings.upstream_keepalive,

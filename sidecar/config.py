@@ -155,6 +155,11 @@ class Settings(BaseSettings):
     max_observed_body: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request or non-streamed response body (bytes) the tap parses."
     )
+    max_buffered_bytes: int = Field(
+        64 * 1024 * 1024, ge=0,
+        description="Most response bytes the proxy holds for clients that stopped reading, all together; past it "
+        "the connection holding the most is closed (0 = no cap).",
+    )
     upstream_connect_timeout: float = Field(5.0, description="Timeout to connect to vLLM for a proxied request.")
     upstream_api_key: SecretStr | None = Field(
         None,

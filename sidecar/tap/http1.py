@@ -14,14 +14,17 @@ What this layer does on its own:
 * a request head over ``MAX_HEAD`` gets a 431, a malformed one a 400; an idle connection closes after
   ``CLIENT_KEEPALIVE`` (and a connection that never sends a whole head is idle);
 * back-pressure: a request body held beyond ``max_held_body`` pauses reading the client until it streams
-  on, and a full client write buffer pauses reading from vLLM (``begin_response``).
-* a global cap on the response bytes queued for clients that stop reading (``max_buffered``): the
-  connection holding the most is closed when the total would pass it (``Http1Server.backlogged``).
+  on, and a full client write buffer pauses reading from vLLM (``begin_response``);
+* a cap on the response bytes held for clients that stopped reading, all connections together
+  (``max_buffered``): past it, the connection holding the most is closed (``Http1Server.backlogged``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections import deque
 from typing import Protocol
 
@@ -250,8 +253,11 @@ class Http1Server:
     """Listens for clients and runs each connection's requests through *handler*, one at a time.
 
     *max_held_body*: a request body not yet sent is held up to this before the client's reading pauses.
-    *max_buffered*: response bytes queued for clients that stopped reading (connections whose writing is
-    paused), all together; passing it closes the connection that holds the most (None: no cap)."""
+    *max_buffered*: response bytes held for clients that stopped reading, all together (None: no cap). A
+    client stopped reading when its connection's write buffer passed asyncio's high-water mark (64 KiB):
+    reading from vLLM then pauses, so one such connection holds at most that mark plus one read (about
+    0.12 MB). The cap is checked each time a connection stalls; past it, the stalled connections holding
+    the most are closed until the rest fit (their exchanges end as the client's failure)."""
 
     def __init__(self, handler: Handler, max_held_body: int, max_buffered: int | None = None) -> None:
         self.handler = handler
@@ -282,6 +288,11 @@ class Http1Server:
     @property
     def connections(self) -> int:
         return len(self._connections)
+
+    @property
+    def buffered(self) -> int:
+        """Response bytes held now for clients that stopped reading (what ``max_buffered`` caps)."""
+        return sum(conn.buffered for conn in self._backlogged)
 
     def opened(self, conn: ClientConnection) -> None:
         self._connections.add(conn)
@@ -506,8 +517,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection at once, with whatever it had not sent yet (the client is treated as gone)."""
+        """Reset the connection at once, dropping whatever it had not sent yet, the kernel's send queue
+        included (SO_LINGER 0, as nginx's ``reset_timedout_connection``): the client is treated as gone."""
         self.closing = True
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def pause_body(self, on: bool, why: str = "upstream") -> None:

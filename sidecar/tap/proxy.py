@@ -41,7 +41,8 @@ class Proxy:
     *max_observed_body*: the most one request's body or buffered response is held for observation (and, at
     least 64 KiB, what a request body not yet sent may hold before the client's reading pauses);
     *connect_timeout*, *keepalive*: for connections to vLLM; *budget*: what all observations may hold
-    together (``BUDGET_FACTOR`` × *max_observed_body* by default)."""
+    together (``BUDGET_FACTOR`` × *max_observed_body* by default); *max_buffered_bytes*: the most all
+    clients that stopped reading may hold of their responses in the proxy (``Http1Server``; None: no cap)."""
 
     def __init__(
         self,
@@ -51,12 +52,14 @@ class Proxy:
         connect_timeout: float,
         keepalive: float,
         budget: Budget | None = None,
+        max_buffered_bytes: int | None = None,
     ) -> None:
         origin = Origin(upstream)
         self.pool = UpstreamPool(origin.hostname, origin.port, keepalive, connect_timeout, origin.tls)
         self.budget = budget if budget is not None else Budget(BUDGET_FACTOR * max_observed_body)
         self.policy = ExchangePolicy(origin, self.pool, recorder, max_observed_body, self.budget)
-        self.server = Http1Server(self.policy, max_held_body=max(max_observed_body, 64 * 1024))
+        self.server = Http1Server(self.policy, max_held_body=max(max_observed_body, 64 * 1024),
+                                  max_buffered=max_buffered_bytes)
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> int:
         """Listen on *host*:*port* (0: any free port); returns the port."""

@@ -4,6 +4,7 @@ closed, or hold unbounded memory for clients that stop reading."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import threading
 import time
@@ -161,3 +162,65 @@ async def test_a_healthy_pooled_connection_is_used_again():
         assert again is conn and again.reused
         again.close()
         pool.close()
+
+
+async def stalled_clients(port: int, count: int) -> list[socket.socket]:
+    """*count* clients that each ask for a large event stream and then read nothing."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        body = b'{"model":"m","stream":true}'
+        await loop.sock_sendall(sock, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Mode: big\r\n"
+                                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        socks.append(sock)
+    return socks
+
+
+def reset_by_peer(sock: socket.socket) -> bool:
+    """The proxy reset this client's connection (a stalled one still has unread data waiting)."""
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except ConnectionResetError:
+        return True
+
+
+@pytest.mark.parametrize("cap", [200 * 1024, None])
+async def test_clients_that_stop_reading_are_closed_at_the_global_cap(cap):
+    """Four clients stop reading large streams. A stalled connection holds more than the write buffer's
+    high-water mark (64 KiB) and at most that plus one read, so four pass a 200 KiB cap and one fits: the
+    connections holding the most are closed until the rest fit, and their requests are recorded as the
+    client's failure. Without a cap all four stay open, holding more than the cap."""
+    from fakes import RawUpstream
+
+    async with RawUpstream(big=64 * 1024 * 1024) as upstream:
+        recorder = Recorder()
+        proxy = Proxy(upstream.url, recorder, max_observed_body=1 << 20, connect_timeout=2.0, keepalive=4.0,
+                      max_buffered_bytes=cap)
+        port = await proxy.start("127.0.0.1", 0)
+        socks = await stalled_clients(port, 4)
+        try:
+            if cap is not None:
+                await wait_for(lambda: len(recorder.calls) >= 1, what="a stalled client closed at the cap")
+                await asyncio.sleep(0.5)  # the rest stay stalled; nothing more closes
+                assert proxy.server.buffered <= cap
+                closed = len(recorder.calls)
+                assert 1 <= closed <= 3
+                assert all(o.unattributed == "client_disconnected" and o.status == 200 for _, o in recorder.calls)
+                assert proxy.server.connections == 4 - closed
+                assert sum(reset_by_peer(sock) for sock in socks) == closed
+            else:
+                await wait_for(lambda: proxy.server.buffered > 4 * 64 * 1024, what="four stalled clients")
+                await asyncio.sleep(0.5)
+                assert recorder.calls == [] and proxy.server.connections == 4
+                assert not any(reset_by_peer(sock) for sock in socks)
+        finally:
+            for sock in socks:
+                sock.close()
+            await proxy.close()
+        assert proxy.budget.held == 0
