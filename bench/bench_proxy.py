@@ -326,18 +326,18 @@ def main() -> int:
         up_port, side_port, metrics_port, nginx_port = free_port(), free_port(), free_port(), free_port()
         procs.append(pinned(1, [sys.executable, __file__, "--upstream", str(up_port)]))
         wait_port(up_port)
-        def start_sidecar(loop: str, proxy_port: int, metrics: int) -> subprocess.Popen:
+        def launch_sidecar(loop: str, proxy_port: int, metrics: int) -> subprocess.Popen:
             return pinned(0, [sys.executable, "-m", "sidecar", "serve", "--upstream", f"http://127.0.0.1:{up_port}",
                               "--proxy-port", str(proxy_port), "--proxy-host", "127.0.0.1", "--metrics-port",
                               str(metrics), "--metrics-host", "127.0.0.1", "--models", "m", "--event-loop", loop,
                               "--log-level", "error"], cwd=ROOT)
 
-        sidecar = start_sidecar("asyncio", side_port, metrics_port)
+        sidecar = launch_sidecar("asyncio", side_port, metrics_port)
         procs.append(sidecar)
         has_uvloop = importlib.util.find_spec("uvloop") is not None
         if has_uvloop:
             uv_port, uv_metrics = free_port(), free_port()
-            sidecar_uv = start_sidecar("uvloop", uv_port, uv_metrics)
+            sidecar_uv = launch_sidecar("uvloop", uv_port, uv_metrics)
             procs.append(sidecar_uv)
         conf = tmp / "nginx.conf"
         conf.write_text(NGINX_CONF.format(dir=tmp, upstream=up_port, port=nginx_port))

@@ -28,23 +28,14 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
 from devstack.vllm_server import free_port  # noqa: E402
+from fakes import data_parallel_page  # noqa: E402
 from sidecar.upstream.derive import advance, derive  # noqa: E402
 from sidecar.upstream.vllm_metrics import read_vllm_metrics  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "vllm-0.32-draft-t3.prom"
-ENGINE_RE = re.compile(r'engine="0"')
-
-
-def eight_engines(text: str, engines: int = 8) -> str:
-    out: list[str] = []
-    for line in text.splitlines():
-        if line.startswith("#") or 'engine="0"' not in line:
-            out.append(line)
-            continue
-        for engine in range(engines):
-            out.append(ENGINE_RE.sub(f'engine="{engine}"', line))
-    return "\n".join(out) + "\n"
 
 
 def best_of(fn, repeat: int, number: int) -> float:
@@ -170,7 +161,7 @@ def main() -> int:
     args = parser.parse_args()
 
     one = FIXTURE.read_text()
-    eight = eight_engines(one)
+    eight = data_parallel_page(one)
     rows = []
     for label, text in (("1 engine (real capture)", one), ("8 engines (derived)", eight)):
         size_mb = len(text.encode()) / 1e6

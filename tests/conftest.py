@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
-from fakes import FIXTURES, FakeVllm, HostileVllm, ReplayVllm, fixture_text
+from fakes import FIXTURES, FakeVllm, HostileVllm, LoadUpstream, ReplayVllm, fixture_text, raise_fd_limit
 
 TIERS = ("unit", "loopback", "live")
 
@@ -40,6 +40,16 @@ async def hostile_vllm():
     """A production-like upstream (``fakes.HostileVllm``): 300 KB+ page in many writes, gzip, 1 s keep-alive,
     API key ``sk-hostile`` on /v1/*."""
     server = HostileVllm(keepalive=1.0)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def load_upstream():
+    """``fakes.LoadUpstream`` (events 0.05 s apart; a test may change ``interval``), the fd limit raised."""
+    raise_fd_limit()
+    server = LoadUpstream(interval=0.05)
     await server.start()
     yield server
     await server.stop()

@@ -22,9 +22,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from fakes import (
-    LoadUpstream,
     SidecarProcess,
-    raise_fd_limit,
     run_slow_clients,
     run_streams,
     serve_loopback,
@@ -47,12 +45,8 @@ def kernel_buffer_max(name: str) -> int:
 
 
 @pytest.fixture
-async def upstream():
-    raise_fd_limit()
-    server = LoadUpstream(interval=0.05)
-    await server.start()
-    yield server
-    await server.stop()
+def upstream(load_upstream):
+    return load_upstream
 
 
 async def test_concurrent_streams_byte_exact_without_fd_or_task_leaks(upstream):

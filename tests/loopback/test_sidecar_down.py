@@ -20,19 +20,16 @@ import time
 import aiohttp
 import pytest
 
-from fakes import LoadUpstream, SidecarProcess, free_port, raise_fd_limit
+from fakes import SidecarProcess, free_port
 
 pytestmark = pytest.mark.timeout(180)
 REQUEST = {"model": "tiny-target", "prompt": "p", "temperature": 0, "stream": True, "stream_id": 1, "events": 3}
 
 
 @pytest.fixture
-async def upstream():
-    raise_fd_limit()
-    server = LoadUpstream(interval=0.01)
-    await server.start()
-    yield server
-    await server.stop()
+def upstream(load_upstream):
+    load_upstream.interval = 0.01
+    return load_upstream
 
 
 async def proxied_ok(session: aiohttp.ClientSession, proxy: str) -> bool:
