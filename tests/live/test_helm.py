@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from sidecar.cli import _settings_from, build_parser
+from sidecar.calibration import load as load_calibration
 from sidecar.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,16 +106,27 @@ def _key_dir() -> Path:
     return path
 
 
-def sidecar_settings(args: list[str]) -> Settings:
+def rendered_calibration(docs) -> str | None:
+    """calibration.json as the chart's calibration ConfigMap holds it, or None."""
+    maps = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-calibration")]
+    return maps[0]["data"]["calibration.json"] if maps else None
+
+
+def sidecar_settings(args: list[str], calibration: str | None = None) -> Settings:
     """The sidecar's own parser and settings: an unknown flag exits (argparse), a bad value raises. The API
     key file the pod would have mounted from a Secret is stood in for by a temporary file (the settings read
-    it)."""
+    it), and so is the calibration ConfigMap (*calibration*: its calibration.json as rendered)."""
     local = []
     for arg in args:
         if arg.startswith("--upstream-api-key-file="):
             key_file = _key_dir() / Path(arg.split("=", 1)[1]).name
             key_file.write_text("test-key\n")
             arg = f"--upstream-api-key-file={key_file}"
+        if arg.startswith("--calibration="):
+            assert calibration is not None, "the pod mounts a calibration the test was not given"
+            cal_file = _key_dir() / "calibration.json"
+            cal_file.write_text(calibration)
+            arg = f"--calibration={cal_file}"
         local.append(arg)
     parsed = build_parser().parse_args(local)
     assert parsed.command == "serve"
@@ -401,10 +413,11 @@ def test_schema_rejects_typos_and_wrong_types(bad, says):
 
 @pytest.mark.parametrize("scenario", ["default", "all-toggles", "gpu"])
 def test_sidecar_flags_parse_with_the_real_cli(scenario):
-    spec = pod_spec(render(scenario))
+    docs = render(scenario)
+    spec = pod_spec(docs)
     sidecar = container(spec, "specdec-sidecar")
     vllm = container(spec, "vllm")
-    settings = sidecar_settings(sidecar["args"])
+    settings = sidecar_settings(sidecar["args"], rendered_calibration(docs))
     vllm_port = vllm["ports"][0]["containerPort"]
     assert settings.upstream == f"http://127.0.0.1:{vllm_port}"
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
@@ -414,14 +427,20 @@ def test_sidecar_flags_parse_with_the_real_cli(scenario):
 def test_every_sidecar_setting_is_exposed_in_values():
     """All toggles on sets every key of sidecar.settings; together with the addresses the chart derives, the
     rendered flags must name every setting `specdec-sidecar serve` has."""
-    args = container(pod_spec(render("all-toggles")), "specdec-sidecar")["args"]
+    docs = render("all-toggles")
+    args = container(pod_spec(docs), "specdec-sidecar")["args"]
     given = {a.split("=", 1)[0][2:].replace("-", "_") for a in args if a.startswith("--")}
     # upstream_api_key is left out on purpose: a secret in the pod's args would be readable by anyone who can
     # read the Deployment; the chart mounts the Secret and passes --upstream-api-key-file instead.
     missing = set(Settings.model_fields) - given - {"upstream_api_key"}
     assert not missing, f"sidecar settings the chart cannot set: {sorted(missing)}"
     values = yaml.safe_load((CHART / "ci" / "all-toggles-values.yaml").read_text())["sidecar"]["settings"]
-    settings = sidecar_settings(args)
+    settings = sidecar_settings(args, rendered_calibration(docs))
+    assert settings.band == 0.1
+    assert load_calibration(settings.calibration).models["target"].draft_cost_at(4.5) == pytest.approx(0.25)
+    mounts = {m["name"]: m["mountPath"] for m in container(pod_spec(docs), "specdec-sidecar")["volumeMounts"]}
+    assert args.count(f"--calibration={mounts['calibration']}/calibration.json") == 1
+    assert "subPath" not in str(container(pod_spec(docs), "specdec-sidecar")["volumeMounts"])
     assert settings.scrape_interval == 2.0 and settings.scrape_timeout == 1.5
     assert settings.windows == [30.0, 300.0] and settings.verdict_window == 300.0
     assert settings.temperature_edges == (0.2, 0.6, 1.2) and settings.default_temperature == 0.7
@@ -496,7 +515,7 @@ def test_port_takeover(scenario):
     docs = render(scenario)
     spec = pod_spec(docs)
     sidecar = container(spec, "specdec-sidecar")
-    settings = sidecar_settings(sidecar["args"])
+    settings = sidecar_settings(sidecar["args"], rendered_calibration(docs))
     ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
     assert settings.proxy_port == ports["http"] == 8000
     [public] = [p for p in only(docs, "Service")["spec"]["ports"] if p["name"] == "http"]
@@ -769,7 +788,7 @@ def test_dashboard_configmaps_hold_the_dashboards():
     sources = {p.name: p.read_text() for p in (ROOT / "dashboards").glob("*.json")}
     if not sources:
         pytest.skip("no dashboards/*.json yet")
-    maps = [d for d in render("all-toggles") if d["kind"] == "ConfigMap"]
+    maps = [d for d in render("all-toggles") if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
     assert len(maps) == len(sources)
     held = {}
     for cm in maps:

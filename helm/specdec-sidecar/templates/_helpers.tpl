@@ -103,6 +103,9 @@ itself never appears in the pod spec). tests/test_helm.py parses the result with
 {{- if .Values.vllm.apiKeySecret.name }}
 - --upstream-api-key-file={{ include "specdec-sidecar.apiKeyDir" . }}/{{ .Values.vllm.apiKeySecret.key }}
 {{- end }}
+{{- if include "specdec-sidecar.calibrationConfigMap" . }}
+- --calibration={{ include "specdec-sidecar.calibrationDir" . }}/calibration.json
+{{- end }}
 {{- range .Values.sidecar.extraArgs }}
 - {{ . | quote }}
 {{- end }}
@@ -210,6 +213,33 @@ container with restartPolicy: Always) or as a second container.
       mountPath: {{ include "specdec-sidecar.apiKeyDir" . }}
       readOnly: true
     {{- end }}
+    {{- if include "specdec-sidecar.calibrationConfigMap" . }}
+    # The whole directory, not a subPath: the kubelet updates it when the ConfigMap changes.
+    - name: calibration
+      mountPath: {{ include "specdec-sidecar.calibrationDir" . }}
+      readOnly: true
+    {{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.calibrationConfigMap: the ConfigMap holding calibration.json (rendered from
+sidecar.calibration.data, or sidecar.calibration.existingConfigMap), or "" without a calibration.
+*/}}
+{{- define "specdec-sidecar.calibrationConfigMap" -}}
+{{- if and .Values.sidecar.calibration.data .Values.sidecar.calibration.existingConfigMap }}
+{{- fail "sidecar.calibration: set data or existingConfigMap, not both" }}
+{{- else if .Values.sidecar.calibration.data }}
+{{- printf "%s-calibration" (include "specdec-sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- .Values.sidecar.calibration.existingConfigMap }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.calibrationDir: where the sidecar finds calibration.json (the calibration ConfigMap, mounted).
+*/}}
+{{- define "specdec-sidecar.calibrationDir" -}}
+/etc/specdec-sidecar/calibration
 {{- end }}
 
 {{/*
