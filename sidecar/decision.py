@@ -87,9 +87,9 @@ def default_thresholds(
 
 
 def calibrated_thresholds(draft_cost: float, drafts_per_step: float, band: float = DEFAULT_BAND) -> Thresholds:
-    """Thresholds from the draft's cost c at the current load and the drafts proposed per verify step d.
+    """Thresholds from the draft's cost c at the current load and the drafts proposed per target pass d.
 
-    With acceptance rate r, a verify step yields L = 1 + d*r tokens and costs 1 + c*d target passes, so the
+    With acceptance rate r, a pass yields L = 1 + d*r tokens and costs 1 + c*d target passes, so the
     modelled speed-up L / (1 + c*d) crosses 1 exactly at r = c (the break-even, whatever d is) and reaches
     1 + band at r = ((1 + band)(1 + c*d) - 1) / d. Both are clamped to 0..1.
     """
@@ -99,14 +99,17 @@ def calibrated_thresholds(draft_cost: float, drafts_per_step: float, band: float
     return Thresholds(min(1.0, c), min(1.0, max(0.0, upper)), SOURCE_MEASURE, c, band, drafts_per_step)
 
 
-def modelled_speedup(accepted: float, drafted: float, steps: float, draft_cost: float) -> float | None:
-    """L / (1 + c*d): L = 1 + accepted / steps tokens per verify step, d = drafted / steps draft tokens per
-    step, c the draft's cost per token in target passes. With k drafts every step it is (1 + k*r)/(1 + k*c)
-    for acceptance rate r. ``None`` without verify steps."""
-    if steps <= 0:
+def modelled_speedup(accepted: float, drafted: float, passes: float, draft_cost: float) -> float | None:
+    """L / (1 + c*d) over a window's target forward passes: L = 1 + accepted / passes tokens per pass, d =
+    drafted / passes draft tokens per pass, c the draft's cost per token in target passes. Passes are every
+    decode pass (output tokens - accepted), not only those that verified drafts: a drafter that proposes
+    nothing on a pass (n-gram without a match) saves and costs nothing there. With k drafts on every pass it
+    is (1 + k*r)/(1 + k*c) for acceptance rate r, and whatever d is it crosses 1 exactly at r = c, the
+    break-even. ``measure`` fits c with this same model (``fit_draft_cost``). ``None`` without passes."""
+    if passes <= 0:
         return None
-    length = 1.0 + max(0.0, accepted) / steps
-    return length / (1.0 + max(0.0, draft_cost) * max(0.0, drafted) / steps)
+    length = 1.0 + max(0.0, accepted) / passes
+    return length / (1.0 + max(0.0, draft_cost) * max(0.0, drafted) / passes)
 
 
 def judge(
@@ -115,10 +118,12 @@ def judge(
     steps: float | None,
     min_drafts: float,
     thresholds: Thresholds,
+    passes: float | None = None,
 ) -> Judgement:
     """The verdict for one window's totals (a model's, from vLLM's counters, or a bucket's, from the tap).
 
-    Below ``min_drafts`` verify steps: ``insufficient_data``. Calibrated: by the modelled speed-up against
+    Below ``min_drafts`` draft steps: ``insufficient_data``. Calibrated: by the modelled speed-up over the
+    window's target *passes* (every decode pass; the draft steps stand in when they are not known) against
     1 +- band. Otherwise: by acceptance against ``break_even`` / ``near_upper``.
     """
     acceptance = window_acceptance(accepted, drafted, steps, min_drafts)
@@ -127,8 +132,9 @@ def judge(
     if thresholds.draft_cost is None:
         return Judgement(decide(acceptance, thresholds.break_even, thresholds.near_upper), acceptance, None, thresholds)
     assert accepted is not None and drafted is not None and steps is not None  # window_acceptance checked
-    speedup = modelled_speedup(accepted, drafted, steps, thresholds.draft_cost)
-    assert speedup is not None
+    speedup = modelled_speedup(accepted, drafted, passes if passes else steps, thresholds.draft_cost)
+    if speedup is None:
+        return Judgement(Verdict.INSUFFICIENT_DATA, acceptance, None, thresholds)
     return Judgement(speedup_verdict(speedup, thresholds.band), acceptance, speedup, thresholds)
 
 
@@ -275,20 +281,28 @@ def _solve_alpha(tokens_per_step: float, k: int) -> float:
     return (low + high) / 2
 
 
-def fit_draft_cost(cells: Sequence[tuple[float, float]], k: int) -> float | None:
-    """Least-squares c from measured cells ``(tokens per target pass E, speed-up S)`` at one load level.
+def fit_draft_cost(cells: Sequence[tuple[float, ...]], k: int) -> float | None:
+    """Least-squares c from measured cells ``(E, S)`` or ``(E, S, D)`` at one load level: E output tokens per
+    target forward pass, S the speed-up, D draft tokens proposed per target pass (k when omitted).
 
-    Fitted on time per token, 1/S = (k*c + 1) / E, because time (unlike speed) adds up across a mix of
-    requests: v = k*c + 1 minimising sum (1/S - v/E)^2 is sum((1/S)(1/E)) / sum(1/E^2), and c = (v - 1) / k.
+    Fitted on time per token, 1/S = (1 + c*D) / E, because time (unlike speed) adds up across a mix of
+    requests: minimising sum (1/S - 1/E - c*D/E)^2 gives c = sum((D/E)(1/S - 1/E)) / sum((D/E)^2). D matters
+    for drafters that propose nothing on some passes: vLLM's n-gram drafter on the tiny target here drafted on
+    16 of 51 passes of one request (96 tokens, 45 accepted), so D was 1.25, not k = 4, and a fit assuming k
+    would call the drafts 3x cheaper than they are. With D = k this is the Leviathan model's 1/S = (k*c + 1)/E.
     ``None`` without usable cells.
     """
     if k <= 0:
         raise ValueError("k must be >= 1")
-    usable = [(1.0 / e, 1.0 / s) for e, s in cells if math.isfinite(e) and math.isfinite(s) and e >= 1 and s > 0]
+    usable = []
+    for cell in cells:
+        e, speedup = cell[0], cell[1]
+        d = cell[2] if len(cell) > 2 else float(k)
+        if all(math.isfinite(x) for x in (e, speedup, d)) and e >= 1 and speedup > 0 and d > 0:
+            usable.append((d / e, 1.0 / speedup - 1.0 / e))
     if not usable:
         return None
-    v = sum(t * x for x, t in usable) / sum(x * x for x, _ in usable)
-    return (v - 1.0) / k
+    return sum(x * y for x, y in usable) / sum(x * x for x, _ in usable)
 
 
 def best_num_speculative_tokens(alpha: float, c: float, k_max: int) -> int:

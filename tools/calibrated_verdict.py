@@ -35,13 +35,21 @@ from sidecar.commands.measure_prompts import builtin  # noqa: E402
 from sidecar.upstream.exposition import parse  # noqa: E402
 
 MODEL = "tiny-target"
+MAX_TOKENS = [96]  # --max-tokens, for the workload and both measure runs
+READ = frozenset({
+    "specdec_verdict", "specdec_spec_decode_draft_acceptance_rate", "specdec_break_even_acceptance_rate",
+    "specdec_modelled_speedup", "specdec_calibration_info", "specdec_requests_running",
+    "specdec_recommended_schedule_info", "specdec_bucket_verdict", "specdec_bucket_acceptance_rate",
+    "specdec_bucket_modelled_speedup",
+})
 
 
 def measure(spec: str, baseline: str, out: Path, prompts: str, temperatures: str, concurrency: str,
             requests: int) -> dict:
     cmd = [sys.executable, "-m", "sidecar", "measure", "--url", spec, "--baseline-url", baseline,
            "--method", "ngram", "--prompts", prompts, "--temperatures", temperatures, "--concurrency", concurrency,
-           "--requests", str(requests), "--warmup", "2", "--rounds", "2", "--max-tokens", "96", "--out", str(out),
+           "--requests", str(requests), "--warmup", "2", "--rounds", "2", "--max-tokens", str(MAX_TOKENS[0]),
+           "--out", str(out),
            "--no-plots"]
     print("+", " ".join(cmd[1:]), flush=True)
     subprocess.run(cmd, cwd=REPO, check=True)
@@ -71,23 +79,27 @@ def wait_ready(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"sidecar on :{port} not ready")
 
 
-def workload(base: str, temperature: float, prompts: str, clients: int, seconds: float) -> int:
+def workload(base: str, temperature: float, prompts: str, clients: int, seconds: float) -> tuple[int, int]:
     chosen = builtin(prompts)
     stop = time.monotonic() + seconds
-    done = [0]
+    done = [0, 0]  # answered, failed
     lock = threading.Lock()
 
     def client(i: int) -> None:
         n = i
         while time.monotonic() < stop:
             prompt = chosen[n % len(chosen)]
-            body = {"model": MODEL, **prompt.body(), "max_tokens": 96, "temperature": temperature}
+            body = {"model": MODEL, **prompt.body(), "max_tokens": MAX_TOKENS[0], "temperature": temperature}
             req = urllib.request.Request(base + prompt.path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=120) as r:
-                r.read()
+            try:
+                with urllib.request.urlopen(req, timeout=120) as r:
+                    r.read()
+                ok = 0
+            except OSError:
+                ok = 1
             with lock:
-                done[0] += 1
+                done[ok] += 1
             n += clients
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -95,12 +107,12 @@ def workload(base: str, temperature: float, prompts: str, clients: int, seconds:
         t.start()
     for t in threads:
         t.join()
-    return done[0]
+    return done[0], done[1]
 
 
 def read_page(port: int) -> dict:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        samples = parse(r.read().decode()).samples
+        samples = parse(r.read().decode(), READ).samples
     out: dict = {"buckets": {}}
     for s in samples:
         if s.label("model") != MODEL:
@@ -141,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=150.0)
     parser.add_argument("--confirm-requests", type=int, default=32)
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens of the n-gram server")
+    parser.add_argument("--max-tokens", type=int, default=96)
     args = parser.parse_args(argv)
+    MAX_TOKENS[0] = args.max_tokens
     args.out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"workload": {"prompts": args.prompts, "temperature": args.temperature, "clients": args.clients,
                                   "seconds": args.seconds}}
-    spec = VllmServer(speculative=ngram_config(4), log_path=args.out / "vllm-spec.log")
+    spec = VllmServer(speculative=ngram_config(args.k), log_path=args.out / "vllm-spec.log")
     base = VllmServer(per_request_metrics=False, log_path=args.out / "vllm-baseline.log")
     processes: list[subprocess.Popen] = []
     try:
@@ -164,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
                                  args.out / "sidecar-default.log"))
         wait_ready(a_metrics)
         wait_ready(b_metrics)
-        sent = workload(f"http://127.0.0.1:{b_proxy}", args.temperature, args.prompts, args.clients, args.seconds)
+        answered, failed = workload(f"http://127.0.0.1:{b_proxy}", args.temperature, args.prompts, args.clients,
+                                    args.seconds)
         time.sleep(3)  # one more poll of vLLM's counters by both sidecars
-        summary["requests_sent"] = sent
+        summary["requests"] = {"answered": answered, "failed": failed}
         summary["calibrated_sidecar"] = read_page(a_metrics)
         summary["default_sidecar"] = read_page(b_metrics)
         for p in processes:

@@ -31,9 +31,9 @@ from sidecar.decision import (
     decide,
     fit_draft_cost,
     Verdict,
+    modelled_speedup,
     sample_quantile,
     speculation_schedule,
-    speculative_speedup,
 )
 from sidecar.decision import speedup_verdict as modelled_verdict
 
@@ -278,6 +278,13 @@ def compare(spec: Cell, baseline: Cell, band: float, resamples: int = 1000, seed
     return Speedup(tpot, throughput, speedup_verdict(throughput, band))
 
 
+def drafts_per_pass(output_tokens: int, accepted_tokens: int, draft_tokens: int) -> float | None:
+    """Draft tokens proposed per target forward pass (passes = output - accepted, as ``tokens_per_pass``):
+    k when the drafter proposes k on every pass, fewer for n-gram drafting (no match, no draft)."""
+    passes = output_tokens - accepted_tokens
+    return draft_tokens / passes if passes > 0 and draft_tokens > 0 else None
+
+
 def tokens_per_pass(output_tokens: int, accepted_tokens: int) -> float | None:
     """Output tokens per target forward pass: every pass yields one token plus the drafts it accepted, so
     passes = output - accepted. Counts passes where the drafter proposed nothing (n-gram) too."""
@@ -343,17 +350,20 @@ class BreakEvenFit:
 
 def _fittable(row: CellSummary) -> bool:
     return (row.server == SPEC and row.speedup is not None and bool(row.speedup.tpot.value)
-            and tokens_per_pass(row.output_tokens, row.accepted_tokens) is not None)
+            and tokens_per_pass(row.output_tokens, row.accepted_tokens) is not None
+            and drafts_per_pass(row.output_tokens, row.accepted_tokens, row.draft_tokens) is not None)
 
 
 def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None:
     """Fit the draft cost c and alpha per concurrency level (Leviathan et al.) from the paired cells.
 
-    Per spec cell: E = output tokens per target pass (measured), alpha the value with E(alpha, k) = E (an
-    effective alpha over every pass), S = the cell's TPOT speed-up (decode time per token is what the model
-    describes). Per level: c by least squares over the level's cells (on time per token), the break-even
-    alpha and acceptance rate for that c, and for the measured mix of temperatures (E pooled as all tokens /
-    all passes, which is how their times add up) the modelled speed-up, whether it pays and the best k.
+    Per spec cell: E = output tokens per target pass (measured), D = draft tokens proposed per pass, alpha
+    the value with E(alpha, k) = E (an effective alpha over every pass), S = the cell's TPOT speed-up (decode
+    time per token is what the model describes). Per level: c by least squares over the level's cells (on time
+    per token, 1/S = (1 + c*D)/E: ``decision.fit_draft_cost``), the break-even alpha and acceptance rate for
+    that c, and for the measured mix of temperatures (E and D pooled over all passes, which is how their times
+    add up) the modelled speed-up E / (1 + c*D) (``decision.modelled_speedup``, as the sidecar computes it),
+    whether it pays and the best k.
     """
     if not k:
         return None
@@ -366,18 +376,21 @@ def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None
     levels: list[LevelFit] = []
     for concurrency in sorted(by_level):
         cells = by_level[concurrency]
-        pairs = [(tokens_per_pass(r.output_tokens, r.accepted_tokens), r.speedup.tpot.value)  # type: ignore[union-attr]
-                 for r in cells]
+        pairs = [(tokens_per_pass(r.output_tokens, r.accepted_tokens), r.speedup.tpot.value,  # type: ignore[union-attr]
+                  drafts_per_pass(r.output_tokens, r.accepted_tokens, r.draft_tokens)) for r in cells]
         c = fit_draft_cost(pairs, k)  # type: ignore[arg-type]
-        mix = tokens_per_pass(sum(r.output_tokens for r in cells), sum(r.accepted_tokens for r in cells))
+        output, accepted = sum(r.output_tokens for r in cells), sum(r.accepted_tokens for r in cells)
+        drafted = sum(r.draft_tokens for r in cells)
+        mix = tokens_per_pass(output, accepted)
         alpha = alpha_from_mean_acceptance_length(mix, k) if mix else None
         level = LevelFit(concurrency, len(cells), c, alpha, mix)
         if c is not None:
-            predicted = speculative_speedup(alpha, k, c) if alpha is not None else None
+            predicted = modelled_speedup(accepted, drafted, output - accepted, max(c, 0.0))
             per_temperature = []
-            for r, (e, s) in sorted(zip(cells, pairs), key=lambda item: item[0].temperature):
+            for r, (e, s, _) in sorted(zip(cells, pairs), key=lambda item: item[0].temperature):
                 a = alpha_from_mean_acceptance_length(e, k)  # type: ignore[arg-type]
-                modelled = speculative_speedup(a, k, c)
+                modelled = modelled_speedup(r.accepted_tokens, r.draft_tokens, r.output_tokens - r.accepted_tokens,
+                                            max(c, 0.0))
                 per_temperature.append(CellFit(r.temperature, e, a, modelled, s, modelled > 1.0))  # type: ignore[arg-type]
             level = replace(
                 level,
@@ -426,14 +439,20 @@ def schedule(levels: Sequence[tuple[int, int | None]]) -> Schedule | None:
 
 # --- calibration.json: the fit with its uncertainty ------------------------------------------------------
 
-def paired_point(spec: Sequence[RequestRecord], baseline: Sequence[RequestRecord]) -> tuple[float, float] | None:
-    """(E, S) of one paired cell from its requests, as ``fit_model`` reads them from the cells' summaries:
-    E = output tokens per target pass of the speculative requests, S = baseline TPOT P50 / speculative."""
-    e = tokens_per_pass(sum(r.output_tokens or 0 for r in spec), sum(r.accepted_tokens or 0 for r in spec))
+def paired_point(
+    spec: Sequence[RequestRecord], baseline: Sequence[RequestRecord]
+) -> tuple[float, float, float] | None:
+    """(E, S, D) of one paired cell from its requests, as ``fit_model`` reads them from the cells' summaries:
+    E = output tokens per target pass of the speculative requests, S = baseline TPOT P50 / speculative, D =
+    draft tokens per pass."""
+    output = sum(r.output_tokens or 0 for r in spec)
+    accepted = sum(r.accepted_tokens or 0 for r in spec)
+    e = tokens_per_pass(output, accepted)
+    d = drafts_per_pass(output, accepted, sum(r.draft_tokens or 0 for r in spec))
     spec_tpot, base_tpot = median_tpot(spec), median_tpot(baseline)
-    if e is None or not spec_tpot or not base_tpot:
+    if e is None or d is None or not spec_tpot or not base_tpot:
         return None
-    return e, base_tpot / spec_tpot
+    return e, base_tpot / spec_tpot, d
 
 
 def draft_cost_interval(

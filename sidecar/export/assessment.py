@@ -77,11 +77,16 @@ def live_schedule(cal: ModelCalibration, profile: Mapping[int, LoadCell], min_dr
         low = level.concurrency if i else float("-inf")
         high = cal.levels[i + 1].concurrency if i + 1 < len(cal.levels) else float("inf")
         cells = [cell for load, cell in profile.items() if low <= load < high]
-        accepted, drafted, drafts = (sum(getattr(c, f) for c in cells) for f in ("accepted", "drafted", "drafts"))
+        accepted, drafted, drafts, generated = (
+            sum(getattr(c, f) for c in cells) for f in ("accepted", "drafted", "drafts", "generated")
+        )
         acceptance = accepted / drafted if drafted > 0 else None
         if drafts >= min_drafts and drafts > 0 and cal.k > 0:
-            length = min(1.0 + accepted / drafts, cal.k + 1.0)
-            alpha = alpha_from_mean_acceptance_length(length, cal.k)
+            # Tokens per target pass over every pass, as measure computes it for its best k (E = generated /
+            # (generated - accepted)); per draft step where vLLM's generated tokens are not known.
+            passes = generated - accepted
+            tokens_per_pass = generated / passes if generated > 0 and passes > 0 else 1.0 + accepted / drafts
+            alpha = alpha_from_mean_acceptance_length(min(tokens_per_pass, cal.k + 1.0), cal.k)
             best = best_num_speculative_tokens(alpha, max(level.draft_cost, 0.0), cal.k)
             advice.append(LevelAdvice(level.concurrency, level.draft_cost, acceptance, best, "live"))
         else:
@@ -102,15 +107,22 @@ class Assessment:
     schedules: Mapping[str, ScheduleAdvice] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def _model_counts(stats: WindowStats | None, k: int | None) -> tuple[float | None, float | None, float | None]:
-    """(accepted, drafted, verify steps) of a model's window. V0 engines count no draft steps: with a known k
-    every step drafted k tokens; without one the draft tokens stand in (the acceptance gate does the same)."""
+def _model_counts(
+    stats: WindowStats | None, k: int | None
+) -> tuple[float | None, float | None, float | None, float | None]:
+    """(accepted, drafted, draft steps, target passes) of a model's window. Passes are every decode pass:
+    generated - accepted tokens (each pass yields one token plus the drafts it accepted). V0 engines count no
+    draft steps: with a known k every step drafted k tokens; without one the draft tokens stand in (the
+    acceptance gate does the same)."""
     if stats is None:
-        return None, None, None
+        return None, None, None, None
     steps = stats.drafts
     if steps is None and stats.draft_tokens is not None:
         steps = stats.draft_tokens / k if k else stats.draft_tokens
-    return stats.accepted_tokens, stats.draft_tokens, steps
+    passes = None
+    if stats.generation_tokens is not None and stats.accepted_tokens is not None:
+        passes = stats.generation_tokens - stats.accepted_tokens
+    return stats.accepted_tokens, stats.draft_tokens, steps, passes if passes and passes > 0 else None
 
 
 def model_thresholds(
@@ -145,11 +157,11 @@ def assess(
         load = upstream.load.get(model)
         if load is not None:
             loads[model] = load
-        accepted, drafted, steps = _model_counts(model_stats.get(model), cal.k if cal else None)
-        per_step = drafted / steps if drafted and steps else None
-        thresholds[model] = t = model_thresholds(cal, load, per_step, settings)
+        accepted, drafted, steps, passes = _model_counts(model_stats.get(model), cal.k if cal else None)
+        per_pass = drafted / (passes or steps) if drafted and (passes or steps) else None
+        thresholds[model] = t = model_thresholds(cal, load, per_pass, settings)
         if model in model_stats:
-            judgements[model] = judge(accepted, drafted, steps, settings.min_drafts, t)
+            judgements[model] = judge(accepted, drafted, steps, settings.min_drafts, t, passes)
         uses[model] = (
             CalibrationUse("measure", cal.method, str(cal.k), cal.measured_at) if cal else CalibrationUse("default")
         )
@@ -158,7 +170,7 @@ def assess(
             if advice is not None:
                 schedules[model] = advice
     buckets = {
-        key: judge(c.accepted, c.drafted, c.steps, settings.min_drafts, thresholds[key[0]])
+        key: judge(c.accepted, c.drafted, c.steps, settings.min_drafts, thresholds[key[0]], c.passes)
         for key, c in bucket_counts.items()
         if key in judged
     }

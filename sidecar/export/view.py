@@ -229,7 +229,7 @@ def counts_from_samples(counters: Mapping[tuple[str, tuple[tuple[str, str], ...]
                     for kind, edges in HISTOGRAM_EDGES.items()}
         out[key] = BucketCounts(
             s.get("requests", 0.0), 0.0, s.get("accepted", 0.0), s.get("drafted", 0.0), s.get("steps", 0.0),
-            s.get("accepted_all", 0.0), s.get("steps_all", 0.0),
+            s.get("accepted_all", 0.0), s.get("steps_all", 0.0), 0.0,
             per_kind["acceptance_rate"], per_kind["ttft_seconds"], per_kind["tpot_seconds"],
         )  # fmt: skip
     return out

@@ -71,8 +71,8 @@ def status_class(status: int) -> str:
 class _Running:
     """Mutable cumulative totals of one (model, bucket); ``RequestMetrics.totals()`` freezes them."""
 
-    __slots__ = ("requests", "attributed", "accepted", "drafted", "steps", "accepted_all", "steps_all", "acceptance", "ttft",
-                 "tpot")
+    __slots__ = ("requests", "attributed", "accepted", "drafted", "steps", "accepted_all", "steps_all", "output",
+                 "acceptance", "ttft", "tpot")
 
     def __init__(self) -> None:
         self.requests = 0.0
@@ -82,13 +82,14 @@ class _Running:
         self.steps = 0.0
         self.accepted_all = 0.0
         self.steps_all = 0.0
+        self.output = 0.0
         self.acceptance = [0.0] * (len(ACCEPTANCE_BUCKETS) + 1)
         self.ttft = [0.0] * (len(TTFT_BUCKETS) + 1)
         self.tpot = [0.0] * (len(TPOT_BUCKETS) + 1)
 
     def frozen(self) -> BucketCounts:
         return BucketCounts(self.requests, self.attributed, self.accepted, self.drafted, self.steps, self.accepted_all,
-                            self.steps_all, tuple(self.acceptance), tuple(self.ttft), tuple(self.tpot))
+                            self.steps_all, self.output, tuple(self.acceptance), tuple(self.ttft), tuple(self.tpot))
 
 
 class RequestMetrics:
@@ -192,6 +193,7 @@ class RequestMetrics:
         running.steps_all += spec.steps
         if spec.source == "vllm":
             running.attributed += 1
+            running.output += outcome.completion_tokens or 0
             running.accepted += spec.accepted
             running.drafted += spec.drafted or 0
             running.steps += spec.steps

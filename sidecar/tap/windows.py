@@ -51,6 +51,7 @@ class BucketCounts:
     steps: float = 0.0
     accepted_all: float = 0.0
     steps_all: float = 0.0
+    output: float = 0.0  # completion tokens of the source-vllm requests: passes = output - accepted
     acceptance: tuple[float, ...] = _NO_COUNTS
     ttft: tuple[float, ...] = _NO_COUNTS
     tpot: tuple[float, ...] = _NO_COUNTS
@@ -64,7 +65,7 @@ class BucketCounts:
                 (self.requests, base.requests), (self.attributed, base.attributed),
                 (self.accepted, base.accepted), (self.drafted, base.drafted),
                 (self.steps, base.steps), (self.accepted_all, base.accepted_all),
-                (self.steps_all, base.steps_all),
+                (self.steps_all, base.steps_all), (self.output, base.output),
             )),
             acceptance=_minus(self.acceptance, base.acceptance),
             ttft=_minus(self.ttft, base.ttft),
@@ -74,6 +75,13 @@ class BucketCounts:
     def acceptance_rate(self, min_drafts: float) -> float | None:
         """accepted / drafted, or ``None`` below ``min_drafts`` verify steps (the one gate, ``decision``)."""
         return window_acceptance(self.accepted, self.drafted, self.steps, min_drafts)
+
+    @property
+    def passes(self) -> float | None:
+        """Target forward passes of the source-vllm requests (every decode pass yields one token plus the
+        drafts it accepted), or ``None`` when their output is unknown."""
+        passes = self.output - self.accepted
+        return passes if self.output > 0 and passes > 0 else None
 
     @property
     def mean_acceptance_length(self) -> float | None:

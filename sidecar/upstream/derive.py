@@ -295,9 +295,11 @@ class LoadCell:
     accepted: float = 0.0
     drafted: float = 0.0
     drafts: float = 0.0
+    generated: float = 0.0
 
-    def plus(self, accepted: float, drafted: float, drafts: float) -> LoadCell:
-        return LoadCell(self.accepted + accepted, self.drafted + drafted, self.drafts + drafts)
+    def plus(self, accepted: float, drafted: float, drafts: float, generated: float) -> LoadCell:
+        return LoadCell(self.accepted + accepted, self.drafted + drafted, self.drafts + drafts,
+                        self.generated + generated)
 
 
 def load_profile(points: Sequence[Point]) -> dict[str, dict[int, LoadCell]]:
@@ -314,15 +316,15 @@ def load_profile(points: Sequence[Point]) -> dict[str, dict[int, LoadCell]]:
             if key[0] not in running:
                 continue
             base = before.totals(key)
-            d = deltas.setdefault(key[0], [0.0, 0.0, 0.0])
-            for i, name in enumerate(("accepted_tokens", "draft_tokens", "drafts")):
+            d = deltas.setdefault(key[0], [0.0, 0.0, 0.0, 0.0])
+            for i, name in enumerate(("accepted_tokens", "draft_tokens", "drafts", "generation_tokens")):
                 d[i] += _delta(engine.totals.named, base.named if base else None, name) or 0.0
-        for model, (accepted, drafted, drafts) in deltas.items():
+        for model, (accepted, drafted, drafts, generated) in deltas.items():
             if drafted <= 0:
                 continue
             cells = profile.setdefault(model, {})
             load = round(running[model])
-            cells[load] = cells.get(load, LoadCell()).plus(accepted, drafted, drafts)
+            cells[load] = cells.get(load, LoadCell()).plus(accepted, drafted, drafts, generated)
     return profile
 
 

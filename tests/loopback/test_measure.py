@@ -172,7 +172,8 @@ def _cell_row(concurrency, temperature, alpha, c, k=4, tokens=100_000):
     passes = tokens / expected_tokens_per_step(alpha, k)
     s = speculative_speedup(alpha, k, c)
     row = summarise(Cell(SPEC, temperature, concurrency, [_record()]), TemperatureBuckets())
-    return replace(row, output_tokens=tokens, accepted_tokens=tokens - passes,
+    # a drafter that proposes k tokens on every pass (a draft model): D = k
+    return replace(row, output_tokens=tokens, accepted_tokens=tokens - passes, draft_tokens=k * passes,
                    speedup=Speedup(Interval(s, None, None), Interval(s, None, None), HURTS if s < 1 else HELPS))
 
 
@@ -394,7 +395,8 @@ def _paired_cells(c: float, k: int = 4, n: int = 30, seed: int = 1, concurrency:
         for i in range(n):
             base_tpot = 0.02 * (1 + rng.uniform(-0.1, 0.1))
             spec_tpot = 0.02 * (k * c + 1) / e * (1 + rng.uniform(-0.1, 0.1))
-            spec.append(_record(accepted=round(100 - 100 / e), drafted=100, tokens=100, tpot=spec_tpot))
+            accepted = round(100 - 100 / e)
+            spec.append(_record(accepted=accepted, drafted=k * (100 - accepted), tokens=100, tpot=spec_tpot))
             base.append(_record(server=BASELINE, tokens=100, tpot=base_tpot, k=None))
         cells[(SPEC, temperature, concurrency)] = Cell(SPEC, temperature, concurrency, spec, 1.0)
         cells[(BASELINE, temperature, concurrency)] = Cell(BASELINE, temperature, concurrency, base, 1.0)

@@ -56,3 +56,16 @@ async def test_the_exported_series_table_is_what_a_fed_sidecar_exports(tmp_path)
     missing = [name for name in documented if name != "specdec_engine_*" and name not in exported]
     assert not missing, f"in the README's table but not exported by a fed sidecar: {sorted(missing)}"
     assert any(name.startswith(ENGINE) for name in exported)
+
+
+async def test_promtool_check_metrics_finds_nothing_on_a_fed_sidecars_page(tmp_path):
+    """Prometheus's own linter (``promtool check metrics``: names, units, HELP, counters' suffixes) on
+    everything a sidecar that has seen everything exports."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool is not None, "promtool is not installed (make test installs it)"
+    page = await fed_sidecar_page(tmp_path)
+    done = subprocess.run([promtool, "check", "metrics"], input=page, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stdout.strip() and not done.stderr.strip(), done.stdout + done.stderr

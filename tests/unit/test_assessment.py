@@ -166,3 +166,39 @@ def test_live_schedule_takes_each_levels_own_acceptance_and_falls_back_to_the_ca
     # too few drafts anywhere: the calibration's schedule as measure wrote it
     thin = live_schedule(cal.models["m"], {1: LoadCell(10, 10, 5)}, min_drafts=50)
     assert thin.entries == ((1, 15, 2), (16, 16, 3))
+
+
+def test_the_modelled_speedup_counts_every_target_pass_not_only_draft_steps():
+    """An n-gram drafter proposes nothing on most passes: 25 draft steps among 365 passes. Per draft step the
+    model would claim (1 + 35/25) / (1 + 0.12 * 4) = 1.62x; over every pass it is what the drafts can save."""
+    state = upstream(accepted=35, drafted=100, steps=25)
+    group = state.health.models["m"]
+    stats = group.windows[WINDOW]
+    from dataclasses import replace as dc_replace
+
+    with_output = dc_replace(stats, generation_tokens=400.0)
+    health = dc_replace(state.health, models=MappingProxyType({"m": dc_replace(group, windows=MappingProxyType(
+        {WINDOW: with_output}))}))
+    result = assess(dc_replace(state, health=health), None, calibration(levels=(level(1, 0.12),)), settings())
+    passes = 400 - 35
+    assert result.models["m"].modelled_speedup == pytest.approx((1 + 35 / passes) / (1 + 0.12 * 100 / passes))
+    assert result.models["m"].verdict is Verdict.USE  # 1.061
+    assert result.thresholds["m"].break_even == pytest.approx(0.12)  # r = c whatever the passes
+    # the same totals at c = 0.3: below 1 - band
+    worse = assess(dc_replace(state, health=health), None, calibration(levels=(level(1, 0.3),)), settings())
+    assert worse.models["m"].verdict is Verdict.NEAR_BREAK_EVEN  # (1 + 35/365) / (1 + 30/365) = 1.013
+
+
+def test_measures_fit_and_the_sidecars_model_are_one_model():
+    """fit_draft_cost with the drafts per pass recovers the cost that modelled_speedup then reproduces; a fit
+    that assumed k drafts on every pass would call an n-gram drafter's tokens several times cheaper."""
+    from sidecar.decision import fit_draft_cost
+
+    c = 0.3
+    cells = []
+    for accepted, drafted, output in ((45, 64, 96), (3, 40, 96), (60, 120, 96)):
+        passes = output - accepted
+        s = modelled_speedup(accepted, drafted, passes, c)
+        cells.append((output / passes, s, drafted / passes))
+    assert fit_draft_cost(cells, 4) == pytest.approx(c)
+    assert fit_draft_cost([(e, s) for e, s, _ in cells], 4) < c / 2
