@@ -302,7 +302,7 @@ class CellFit:
     tokens_per_pass: float
     alpha: float
     model_speedup: float
-    measured_tpot_speedup: float
+    measured_speedup: float  # the cell's throughput speed-up, what c is fitted to
     pays: bool
 
 
@@ -349,7 +349,7 @@ class BreakEvenFit:
 
 
 def _fittable(row: CellSummary) -> bool:
-    return (row.server == SPEC and row.speedup is not None and bool(row.speedup.tpot.value)
+    return (row.server == SPEC and row.speedup is not None and bool(row.speedup.throughput.value)
             and tokens_per_pass(row.output_tokens, row.accepted_tokens) is not None
             and drafts_per_pass(row.output_tokens, row.accepted_tokens, row.draft_tokens) is not None)
 
@@ -358,8 +358,10 @@ def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None
     """Fit the draft cost c and alpha per concurrency level (Leviathan et al.) from the paired cells.
 
     Per spec cell: E = output tokens per target pass (measured), D = draft tokens proposed per pass, alpha
-    the value with E(alpha, k) = E (an effective alpha over every pass), S = the cell's TPOT speed-up (decode
-    time per token is what the model describes). Per level: c by least squares over the level's cells (on time
+    the value with E(alpha, k) = E (an effective alpha over every pass), S = the cell's throughput speed-up
+    (tokens per request-second, the basis of the cell's verdict). Not the TPOT speed-up: on a CPU-starved API
+    server a whole response can reach the client in one read (TPOT 0 at the client, seen with two vLLM
+    servers on 2 cores at concurrency 1), which leaves a level without a fit. Per level: c by least squares over the level's cells (on time
     per token, 1/S = (1 + c*D)/E: ``decision.fit_draft_cost``), the break-even alpha and acceptance rate for
     that c, and for the measured mix of temperatures (E and D pooled over all passes, which is how their times
     add up) the modelled speed-up E / (1 + c*D) (``decision.modelled_speedup``, as the sidecar computes it),
@@ -376,7 +378,7 @@ def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None
     levels: list[LevelFit] = []
     for concurrency in sorted(by_level):
         cells = by_level[concurrency]
-        pairs = [(tokens_per_pass(r.output_tokens, r.accepted_tokens), r.speedup.tpot.value,  # type: ignore[union-attr]
+        pairs = [(tokens_per_pass(r.output_tokens, r.accepted_tokens), r.speedup.throughput.value,  # type: ignore[union-attr]
                   drafts_per_pass(r.output_tokens, r.accepted_tokens, r.draft_tokens)) for r in cells]
         c = fit_draft_cost(pairs, k)  # type: ignore[arg-type]
         output, accepted = sum(r.output_tokens for r in cells), sum(r.accepted_tokens for r in cells)
@@ -443,16 +445,16 @@ def paired_point(
     spec: Sequence[RequestRecord], baseline: Sequence[RequestRecord]
 ) -> tuple[float, float, float] | None:
     """(E, S, D) of one paired cell from its requests, as ``fit_model`` reads them from the cells' summaries:
-    E = output tokens per target pass of the speculative requests, S = baseline TPOT P50 / speculative, D =
-    draft tokens per pass."""
+    E = output tokens per target pass of the speculative requests, S = the throughput speed-up (speculative
+    tokens per request-second / baseline's, as the cell's verdict), D = draft tokens per pass."""
     output = sum(r.output_tokens or 0 for r in spec)
     accepted = sum(r.accepted_tokens or 0 for r in spec)
     e = tokens_per_pass(output, accepted)
     d = drafts_per_pass(output, accepted, sum(r.draft_tokens or 0 for r in spec))
-    spec_tpot, base_tpot = median_tpot(spec), median_tpot(baseline)
-    if e is None or d is None or not spec_tpot or not base_tpot:
+    spec_rate, base_rate = tokens_per_request_second(spec), tokens_per_request_second(baseline)
+    if e is None or d is None or not spec_rate or not base_rate:
         return None
-    return e, base_tpot / spec_tpot, d
+    return e, spec_rate / base_rate, d
 
 
 def draft_cost_interval(

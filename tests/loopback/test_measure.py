@@ -384,7 +384,8 @@ async def test_a_server_that_lists_no_model_cannot_be_measured(tmp_path, capsys)
 # --- the draft cost's interval and calibration.json ------------------------------------------------------
 
 def _paired_cells(c: float, k: int = 4, n: int = 30, seed: int = 1, concurrency: int = 1) -> dict:
-    """Paired cells at two temperatures whose TPOTs follow the model for draft cost c, with +-10% noise."""
+    """Paired cells at two temperatures whose TPOTs and request times follow the model for draft cost c, with
+    +-10% noise."""
     import random
 
     rng = random.Random(seed)
@@ -396,8 +397,10 @@ def _paired_cells(c: float, k: int = 4, n: int = 30, seed: int = 1, concurrency:
             base_tpot = 0.02 * (1 + rng.uniform(-0.1, 0.1))
             spec_tpot = 0.02 * (k * c + 1) / e * (1 + rng.uniform(-0.1, 0.1))
             accepted = round(100 - 100 / e)
-            spec.append(_record(accepted=accepted, drafted=k * (100 - accepted), tokens=100, tpot=spec_tpot))
-            base.append(_record(server=BASELINE, tokens=100, tpot=base_tpot, k=None))
+            # whole requests take their decode time: the throughput speed-up follows the model too
+            spec.append(_record(accepted=accepted, drafted=k * (100 - accepted), tokens=100, tpot=spec_tpot,
+                                e2e=100 * spec_tpot))
+            base.append(_record(server=BASELINE, tokens=100, tpot=base_tpot, k=None, e2e=100 * base_tpot))
         cells[(SPEC, temperature, concurrency)] = Cell(SPEC, temperature, concurrency, spec, 1.0)
         cells[(BASELINE, temperature, concurrency)] = Cell(BASELINE, temperature, concurrency, base, 1.0)
     return cells
