@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--confirm-requests", type=int, default=32)
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens of the n-gram server")
     parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--calibrate-only", action="store_true",
+                        help="stop after step 2 (e.g. to record a calibration for the demo's server)")
     args = parser.parse_args(argv)
     MAX_TOKENS[0] = args.max_tokens
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration = args.out / "calibrate" / "calibration.json"
         summary["calibration"] = json.loads(calibration.read_text())
         summary["calibrate_schedule"] = (calibrate.get("break_even_fit") or {}).get("schedule")
+        if args.calibrate_only:
+            return 0
 
         a_metrics, a_proxy, b_metrics, b_proxy = (free_port() for _ in range(4))
         processes.append(sidecar(spec.url, a_metrics, a_proxy, calibration, args.out / "sidecar-calibrated.log"))
@@ -179,12 +183,17 @@ def main(argv: list[str] | None = None) -> int:
                                  args.out / "sidecar-default.log"))
         wait_ready(a_metrics)
         wait_ready(b_metrics)
-        answered, failed = workload(f"http://127.0.0.1:{b_proxy}", args.temperature, args.prompts, args.clients,
-                                    args.seconds)
-        time.sleep(3)  # one more poll of vLLM's counters by both sidecars
-        summary["requests"] = {"answered": answered, "failed": failed}
+        result: list = []
+        clients = threading.Thread(target=lambda: result.append(workload(
+            f"http://127.0.0.1:{b_proxy}", args.temperature, args.prompts, args.clients, args.seconds)))
+        clients.start()
+        # Read both pages while the load still runs: the calibrated break-even is read at vLLM's current load.
+        time.sleep(max(0.0, args.seconds - 5))
         summary["calibrated_sidecar"] = read_page(a_metrics)
         summary["default_sidecar"] = read_page(b_metrics)
+        clients.join()
+        answered, failed = result[0]
+        summary["requests"] = {"answered": answered, "failed": failed}
         for p in processes:
             p.terminate()
             p.wait(timeout=10)

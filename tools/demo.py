@@ -43,6 +43,11 @@ from sidecar.commands.measure_prompts import builtin as builtin_prompts  # noqa:
 # interleaving them request by request would show two bad slices instead of one good and one bad.
 SLICES = [("echo", 0.0), ("code", 1.0)]
 PHASE_SECONDS = 10.0
+# The demo server's calibration, as `specdec-sidecar measure` wrote it for this very configuration (tiny target,
+# n-gram k = 4, against a server without speculation, on a 2-core machine of this kind; the command is in
+# docs/measure.md). The sidecar judges the model by its modelled speed-up at the current load with it; top
+# prints a line for every verdict it changed against the fixed 0.5 rule. Measure your own before trusting it.
+CALIBRATION = ROOT / "devstack" / "tiny-target-ngram-k4.calibration.json"
 
 
 def say(message: str) -> None:
@@ -174,7 +179,8 @@ def main() -> int:
             [sys.executable, "-m", "sidecar", "serve", "--upstream", vllm.url, "--proxy-port", str(proxy_port),
              "--proxy-host", "127.0.0.1", "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port),
              "--scrape-interval", "2s", "--scrape-timeout", "2s", "--windows", "1m,5m", "--verdict-window", "1m",
-             "--min-drafts", "20", "--log-format", "console", "--log-level", "warning"],
+             "--min-drafts", "20", "--log-format", "console", "--log-level", "warning",
+             *(["--calibration", str(CALIBRATION)] if CALIBRATION.exists() else [])],
             cwd=ROOT, start_new_session=True, stderr=open(state / "sidecar.log", "ab"),
         )
         children.append(sidecar)
@@ -183,6 +189,9 @@ def main() -> int:
             say(f"the sidecar did not become ready; see {state / 'sidecar.log'}")
             return 1
         say(f"sidecar: proxy http://127.0.0.1:{proxy_port} -> vLLM, metrics {metrics}")
+        if CALIBRATION.exists():
+            say(f"calibration: {CALIBRATION.relative_to(ROOT)} (measure's draft cost for this server per load): "
+                "verdicts by modelled speed-up; top says which verdicts it changed against the fixed 0.5 rule")
         say(f"load: {args.concurrency} clients, taking turns every {PHASE_SECONDS:.0f} s: 'repeat this code' at "
             "temperature 0 (expect `use`), then free-form code at temperature 1.0 (expect `disable`)")
         load(f"http://127.0.0.1:{proxy_port}", stop, args.concurrency)
