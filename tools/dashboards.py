@@ -82,9 +82,10 @@ def verdict_expr(acceptance: str, draft_rate: str, on: str, break_even: str) -> 
     )
 
 
-def beside(series: str, threshold: str) -> str:
-    """The model's threshold as a column beside each row of ``series`` (tables cannot draw lines)."""
-    return f"0 * {series} + on (namespace, model) group_left () {threshold}"
+def beside(series: str, threshold: str, on: str = "namespace, model") -> str:
+    """A threshold as a column beside each row of ``series`` (tables cannot draw lines): matched on the
+    model for per-model thresholds, on nothing (``on=""``) for a fleet-wide constant."""
+    return f"0 * {series} + on ({on}) group_left () {threshold}"
 
 
 # --- runbook sections (anchors of docs/runbooks.md headings) -------------------------------------------------
@@ -271,7 +272,7 @@ def verdict_row() -> list:
             Q(f"namespace_model:specdec_request_acceptance:p10_rate5m{{{M}}}"),
             Q(f"namespace_model:specdec_mean_acceptance_length:ratio_rate5m{{{M}}}"),
             Q(DRAFT_RATE),
-            Q(beside(DRAFT_RATE, GUARD)),
+            Q(beside(DRAFT_RATE, GUARD, on="")),
         ],
         ("below", "near", "p10"),
         {"namespace": "namespace", "model": "model", "Value #A": "verdict", "Value #B": "acceptance",
