@@ -193,7 +193,13 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     info = Gauge("specdec_build_info", "specdec-sidecar version.", ["version"], registry=app[REGISTRY])
     info.labels(__version__).set(1)
     app[MODEL_NAMES] = ModelNames(settings.models)
-    app[REQUESTS] = RequestMetrics(app[REGISTRY], settings.temperature_buckets, app[MODEL_NAMES])
+    def speculating(model: str) -> bool | None:
+        """Whether vLLM drafts for *model*: the --speculative setting, else what the last poll detected."""
+        if settings.speculative != "auto":
+            return settings.speculative == "true"
+        return app[MONITOR].state.speculating.get(model) if MONITOR in app else None
+
+    app[REQUESTS] = RequestMetrics(app[REGISTRY], settings.temperature_buckets, app[MODEL_NAMES], speculating)
     app[TAP_WINDOWS] = TapMonitor(app[REQUESTS].totals, settings.windows, settings.scrape_interval)
     app[CALIBRATION] = CalibrationSource(settings.calibration, app[REGISTRY], interval=settings.scrape_interval)
     app.cleanup_ctx.append(_poll_session)

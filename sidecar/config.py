@@ -134,6 +134,11 @@ class Settings(BaseSettings):
         DEFAULT_BAND, gt=0, lt=1,
         description="Calibrated models: a modelled speed-up within 1 +- band is `near_break_even`, below `disable`.",
     )
+    speculative: Literal["auto", "true", "false"] = Field(
+        "auto",
+        description="Whether this vLLM drafts (its arm, for the baseline comparison): auto (detected from whether "
+        "vLLM exports its spec-decode families), true or false.",
+    )
     min_drafts: int = Field(
         100, ge=1, description="Fewest draft steps in a window before acceptance is exported and a verdict given."
     )
@@ -237,7 +242,7 @@ class Settings(BaseSettings):
         seconds = sorted({parse_duration(item) for item in items})
         return seconds
 
-    @field_validator("log_format", "log_level", "event_loop", mode="before")
+    @field_validator("log_format", "log_level", "event_loop", "speculative", mode="before")
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value

@@ -19,6 +19,7 @@ Example output::
     specdec_break_even_acceptance_rate{model="tiny-target"} 0.12
     specdec_modelled_speedup{model="tiny-target"} 1.9
     specdec_calibration_info{k="4",measured_at="2026-12-04T19:02:11Z",method="ngram",model="tiny-target",source="measure"} 1.0
+    specdec_speculation_enabled{model="tiny-target"} 1.0
 """
 
 from __future__ import annotations
@@ -120,9 +121,23 @@ class HealthCollector(Collector):
         yield up
         yield from self._buckets(tap, assessment)
         yield from self._thresholds(assessment)
+        yield self._arm(state)
         if not state.up or state.health is None:
             return
         yield from self._render(state, assessment)
+
+    def _arm(self, state: MonitorState) -> GaugeMetricFamily:
+        """Which arm this pod is in for the baseline comparison; kept while vLLM is unreachable (last seen)."""
+        family = GaugeMetricFamily(
+            "specdec_speculation_enabled",
+            "1 if vLLM drafts for this model (speculative arm), 0 if not (baseline arm): detected from whether vLLM "
+            f"exports its spec-decode families, or set by --speculative (here: {self._settings.speculative}). The "
+            "recording rules join the tap's latency series with this on the pod to compare the arms.",
+            labels=["model"],
+        )
+        for model, speculating in sorted(state.speculating.items()):
+            family.add_metric([model], 1.0 if speculating else 0.0)
+        return family
 
     def _thresholds(self, assessment: Assessment) -> Iterator[GaugeMetricFamily]:
         """Each model's thresholds at its current load and where they come from: the rules compare with these."""

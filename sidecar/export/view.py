@@ -185,11 +185,30 @@ def _delta(now: dict, base: dict) -> dict:
     return out
 
 
+def _at(cumulative: Mapping[float, float], le: float) -> float | None:
+    """The cumulative count at *le*: the page's own, or, for a sidecar whose edges differ (another version),
+    interpolated linearly between its neighbouring edges as ``histogram_quantile`` does; None above its last
+    finite edge."""
+    if le in cumulative:
+        return cumulative[le]
+    lower, upper = (0.0, 0.0), None
+    for edge in sorted(cumulative):
+        if edge < le:
+            lower = (edge, cumulative[edge])
+        elif edge != float("inf"):
+            upper = (edge, cumulative[edge])
+            break
+    if upper is None:
+        return None
+    return lower[1] + (upper[1] - lower[1]) * (le - lower[0]) / (upper[0] - lower[0])
+
+
 def _per_edge(cumulative: Mapping[float, float], edges: tuple[float, ...]) -> tuple[float, ...]:
     """Prometheus' cumulative ``le`` counts as per-edge counts aligned with *edges* (+Inf last)."""
     out, previous = [], 0.0
     for le in (*edges, float("inf")):
-        value = cumulative.get(le, previous)
+        value = _at(cumulative, le)
+        value = previous if value is None else value
         out.append(max(0.0, value - previous))
         previous = max(previous, value)
     return tuple(out)

@@ -34,6 +34,17 @@ class MonitorState:
     # Running requests per model at the last successful poll, kept while vLLM is unreachable: the load the
     # calibrated break-even is read at (the tap's verdicts go on without vLLM's /metrics).
     load: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # Per model: whether vLLM drafts for it (``--speculative``, or detected from the families vLLM exports),
+    # kept while vLLM is unreachable like ``load``: the arm a pod is in for the baseline comparison.
+    speculating: Mapping[str, bool] = field(default_factory=lambda: MappingProxyType({}))
+
+
+def arm_of(detected: Mapping[str, bool], setting: str) -> dict[str, bool]:
+    """Per model, whether vLLM speculates: ``--speculative true``/``false`` for every model vLLM serves,
+    ``auto`` what the page shows (``VllmSnapshot.speculating``)."""
+    if setting == "auto":
+        return dict(detected)
+    return {model: setting == "true" for model in detected}
 
 
 class OwnMetrics:
@@ -108,7 +119,8 @@ class Monitor:
                     detail=result.detail,
                 )
             self._last_error = result.error
-            self.state = MonitorState(up=False, health=None, scrapes=self.state.scrapes + 1, load=self.state.load)
+            self.state = MonitorState(up=False, health=None, scrapes=self.state.scrapes + 1, load=self.state.load,
+                                      speculating=self.state.speculating)
             return
 
         assert result.snapshot is not None
@@ -140,8 +152,11 @@ class Monitor:
         load = dict(self.state.load)
         if health is not None:
             load.update({m: g.pressure.running for m, g in health.models.items() if g.pressure.running is not None})
+        speculating = dict(self.state.speculating)
+        speculating.update(arm_of(result.snapshot.speculating(), s.speculative))
         self.state = MonitorState(
-            up=True, health=health, scrapes=self.state.scrapes + 1, load=MappingProxyType(load)
+            up=True, health=health, scrapes=self.state.scrapes + 1, load=MappingProxyType(load),
+            speculating=MappingProxyType(speculating),
         )
 
     async def poll_once(self) -> None:

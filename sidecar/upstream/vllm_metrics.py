@@ -71,6 +71,14 @@ class EngineSample:
     block_size: float | None = None
 
     @property
+    def speculates(self) -> bool:
+        """Whether this engine exports any spec-decode family: vLLM does only when speculation is configured
+        (a server without ``--speculative-config`` exports none of them, not even at 0)."""
+        return (any(v is not None for v in (self.drafts, self.draft_tokens, self.accepted_tokens,
+                                            self.emitted_tokens, self.v0_acceptance_rate, self.v0_efficiency))
+                or bool(self.accepted_per_position))
+
+    @property
     def kv_usage_ratio(self) -> float | None:
         """KV cache usage 0..1 from whichever name this vLLM exports (V1 first)."""
         return self.kv_usage if self.kv_usage is not None else self.kv_usage_v0
@@ -92,6 +100,13 @@ class VllmSnapshot:
     @property
     def models(self) -> list[str]:
         return sorted({model for model, _ in self.engines})
+
+    def speculating(self) -> dict[str, bool]:
+        """Per model: whether any of its engines exports vLLM's spec-decode families (detected speculation)."""
+        out: dict[str, bool] = {}
+        for (model, _), sample in self.engines.items():
+            out[model] = out.get(model, False) or sample.speculates
+        return out
 
 
 def _finite(value: float) -> float | None:

@@ -40,6 +40,7 @@ def test_env_applies_and_flag_wins(monkeypatch):
         ({"scrape_timeout": "10s"}, "scrape_timeout (10s) exceeds scrape_interval (5s)"),
         ({"windows": "5s,5m"}, "shorter than two scrape intervals"),
         ({"log_level": "loud"}, "--log-level"),
+        ({"speculative": "maybe"}, "invalid setting --speculative / SPECDEC_SPECULATIVE (got 'maybe')"),
     ],
 )
 def test_bad_values_name_the_setting(flags, fragment):
@@ -55,6 +56,17 @@ def test_cli_exits_2_with_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert err[0].startswith("specdec-sidecar: invalid setting --near-break-even-upper")
+
+
+def test_speculative_setting(monkeypatch, capsys):
+    assert build_settings().speculative == "auto"
+    assert build_settings(speculative="False").speculative == "false"
+    monkeypatch.setenv("SPECDEC_SPECULATIVE", "true")
+    assert build_settings().speculative == "true"
+    monkeypatch.setenv("SPECDEC_SPECULATIVE", "off")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--speculative / SPECDEC_SPECULATIVE (got 'off')" in err[0], err
 
 
 def test_python_dash_m_entry_point_reports_bad_env():

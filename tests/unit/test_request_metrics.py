@@ -63,6 +63,34 @@ def test_mean_acceptance_length_keeps_sources_apart():
     assert get("specdec_request_acceptance_rate_count", {"model": "tiny-target", "temperature_bucket": "0"}) == 1
 
 
+def test_no_acceptance_is_estimated_where_vllm_does_not_draft():
+    """A baseline replica: no spec-decode metrics, and the stream-step estimate (which a step whose text
+    detokenises to nothing would turn into an 'accepted' token) is withheld; latency is recorded as anywhere."""
+    arms = {"tiny-target": False}
+    registry = CollectorRegistry()
+    m = RequestMetrics(registry, TemperatureBuckets(), ModelNames(["tiny-target"]), lambda model: arms.get(model))
+    info = read_request("completions", b'{"model": "tiny-target", "temperature": 0, "stream": true}')
+    done(m, info, SpecStats(accepted=1, drafted=None, steps=11, source="stream_steps"), stream=True)
+    get = registry.get_sample_value
+    bucket = {"model": "tiny-target", "temperature_bucket": "0"}
+    assert get("specdec_request_accepted_tokens_total", {**bucket, "source": "stream_steps"}) is None
+    assert get("specdec_request_spec_steps_total", {**bucket, "source": "stream_steps"}) is None
+    assert get("specdec_request_mean_acceptance_length_count", {"model": "tiny-target", "source": "stream_steps"}) is None
+    assert get("specdec_requests_unattributed_total", {"reason": "no_spec_metrics"}) == 1
+    assert get("specdec_request_tpot_seconds_count", {**bucket, "stream": "true"}) == 1
+    assert get("specdec_request_ttft_seconds_count", {**bucket, "stream": "true"}) == 1
+    assert get("specdec_request_e2e_seconds_count", {"model": "tiny-target", "stream": "true"}) == 1
+    totals = m.totals()[("tiny-target", "0")]
+    assert (totals.accepted_all, totals.steps_all, sum(totals.tpot)) == (0, 0, 1)
+    # the same response where vLLM drafts (or before the arm is known) keeps the estimate
+    arms["tiny-target"] = True
+    done(m, info, SpecStats(accepted=1, drafted=None, steps=11, source="stream_steps"), stream=True)
+    assert get("specdec_request_accepted_tokens_total", {**bucket, "source": "stream_steps"}) == 1
+    del arms["tiny-target"]
+    done(m, info, SpecStats(accepted=2, drafted=None, steps=10, source="stream_steps"), stream=True)
+    assert get("specdec_request_accepted_tokens_total", {**bucket, "source": "stream_steps"}) == 3
+
+
 def test_ttft_and_tpot_are_streamed_only_and_e2e_is_per_model_and_mode():
     m, registry = metrics()
     get = registry.get_sample_value

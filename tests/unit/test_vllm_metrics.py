@@ -66,3 +66,21 @@ def test_non_finite_counter_values_are_ignored(value):
     snap = read_vllm_metrics(f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="m"}} {value}\n'
                              'vllm:num_requests_running{engine="0",model_name="m"} 1\n')
     assert snap.engines[("m", "0")].drafts is None
+
+
+def baseline_page(text: str) -> str:
+    """A real capture as a server without --speculative-config exports it: no spec_decode family at all."""
+    return "\n".join(line for line in text.splitlines() if "spec_decode" not in line) + "\n"
+
+
+@pytest.mark.parametrize("name", ["vllm-0.32-draft-t0.prom", "vllm-0.32-ngram.prom", "vllm-0.32-draft-t3.prom"])
+def test_speculation_is_detected_from_the_spec_decode_families(name):
+    text = fixture_text(name)
+    assert read_vllm_metrics(text).speculating() == {"tiny-target": True}  # t0: every counter still at 0
+    baseline = read_vllm_metrics(baseline_page(text))
+    assert baseline.models == ["tiny-target"]  # still seen, through its other series
+    assert baseline.speculating() == {"tiny-target": False}
+
+
+def test_a_v0_page_speculates_by_its_gauges():
+    assert set(read_vllm_metrics(V0_PAGE).speculating().values()) == {True}
