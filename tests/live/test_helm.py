@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from manifests import container, vllm_accepts, vllm_python
 
-from sidecar.cli import _settings_from, build_parser
 from sidecar.calibration import load as load_calibration
+from sidecar.cli import _settings_from, build_parser
 from sidecar.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,13 +88,6 @@ def only(docs, kind: str) -> dict:
 
 def pod_spec(docs) -> dict:
     return only(docs, "Deployment")["spec"]["template"]["spec"]
-
-
-def container(spec: dict, name: str) -> dict:
-    every = spec.get("initContainers", []) + spec["containers"]
-    found = [c for c in every if c["name"] == name]
-    assert len(found) == 1, f"container {name}: {len(found)} found"
-    return found[0]
 
 
 @cache
@@ -564,34 +558,8 @@ def test_without_speculation_vllm_gets_no_per_request_flag():
     assert bad.returncode != 0 and "not a JSON object" in bad.stderr
 
 
-VLLM_CHECK = r"""
-import json, sys
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-from vllm.engine.arg_utils import AsyncEngineArgs
-
-results = {}
-for name, args in json.loads(sys.argv[1]).items():
-    try:
-        parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
-        validate_parsed_serve_args(parsed)
-        config = AsyncEngineArgs.from_cli_args(parsed).create_engine_config()
-        results[name] = {"ok": True, "per_request": config.observability_config.per_request_spec_decode_metrics,
-                         "spec": config.speculative_config.method if config.speculative_config else None,
-                         "force_usage": parsed.enable_force_include_usage, "host": parsed.host, "port": parsed.port}
-    except BaseException as error:  # argparse exits; config validation raises
-        results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
-print("RESULTS " + json.dumps(results))
-"""
-
-
-def _vllm_python() -> Path | None:
-    python = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-    return python if python.exists() and (ROOT / "models" / "tiny-target").is_dir() else None
-
-
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(_vllm_python() is None, reason="vLLM's virtualenv (make vllm) or models/ missing")
+@pytest.mark.skipif(vllm_python() is None, reason="vLLM's virtualenv (make vllm) or models/ missing")
 def test_vllm_accepts_the_rendered_args(tmp_path):
     """vLLM 0.32's own argument parser and engine-config validation (no model weights loaded, no server) take
     the vLLM arguments of every scenario. The model ids are swapped for the
@@ -609,23 +577,13 @@ def test_vllm_accepts_the_rendered_args(tmp_path):
         return args
 
     cases = {
-        name: local(container(pod_spec(render(name)), "vllm")["args"])
+        name: (local(container(pod_spec(render(name)), "vllm")["args"]), True)
         for name in ("default", "all-toggles", "gpu")
     }
     # the same check refuses what vLLM refuses: the per-request flag without speculation
-    cases["refused"] = [a for a in cases["default"] if a != "--speculative-config" and not a.startswith("{")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run(
-        [str(_vllm_python()), "-c", VLLM_CHECK, json.dumps(cases)],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        env=env,
-        check=False,
-    )
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line, proc.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    refused = [a for a in cases["default"][0] if a != "--speculative-config" and not a.startswith("{")]
+    cases["refused"] = (refused, True)
+    results = vllm_accepts(cases)
     for name in ("default", "all-toggles", "gpu"):
         assert results[name]["ok"], f"{name}: {results[name]}"
         assert results[name]["per_request"] == "summary" and results[name]["force_usage"] is True

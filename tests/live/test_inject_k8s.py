@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from manifests import container, docs, owner_of, vllm_accepts, vllm_python
 
 from sidecar.commands import inject
 from sidecar.commands.inject_shell import find_server, server_args_start, shell_script_index
@@ -43,26 +44,10 @@ def run(cmd: list[str], *, stdin: str | None = None, cwd: Path | None = None, en
     return proc.stdout
 
 
-def docs(text: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(text) if d]
-
-
 def pod_specs(objects: list[dict]):
     for obj in objects:
         for template in inject.templates(obj):
             yield obj, inject._get(obj, template.spec)
-
-
-def container(spec: dict, name: str) -> dict:
-    [found] = [c for c in (spec.get("initContainers") or []) + spec["containers"] if c["name"] == name]
-    return found
-
-
-def owner_of(spec: dict, port) -> str:
-    owners = [c["name"] for c in (spec.get("initContainers") or []) + spec["containers"]
-              for p in c.get("ports") or [] if port in (p.get("name"), p["containerPort"])]  # fmt: skip
-    assert len(owners) == 1, f"port {port}: {owners}"
-    return owners[0]
 
 
 def vllm_server_args(objects: list[dict]) -> dict[str, list[str]]:
@@ -153,35 +138,6 @@ def test_kustomize_overlay_through_inject(tmp_path):
 
 # ---------------------------------------------------------------- vLLM's own parser
 
-VLLM_CHECK = r"""
-import json, sys
-from vllm.utils.argparse_utils import FlexibleArgumentParser
-from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
-from vllm.engine.arg_utils import AsyncEngineArgs
-
-results = {}
-for name, (args, engine) in json.loads(sys.argv[1]).items():
-    try:
-        parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(args)
-        validate_parsed_serve_args(parsed)
-        result = {"ok": True, "host": parsed.host, "port": parsed.port,
-                  "force_usage": parsed.enable_force_include_usage}
-        if engine:
-            config = AsyncEngineArgs.from_cli_args(parsed).create_engine_config()
-            result["per_request"] = config.observability_config.per_request_spec_decode_metrics
-            result["spec"] = config.speculative_config.method if config.speculative_config else None
-        results[name] = result
-    except BaseException as error:  # argparse exits; config validation raises
-        results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:500]}
-print("RESULTS " + json.dumps(results))
-"""
-
-
-def _vllm_python() -> Path | None:
-    python = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-    return python if python.exists() and (ROOT / "models" / "tiny-target").is_dir() else None
-
-
 def local_models(args: list[str]) -> list[str]:
     """The same arguments for this machine's engine-config check: the model is the embedded tiny target, a
     draft-based speculative config uses the tiny draft, KServe's {{.Name}} is filled in, and what needs
@@ -236,7 +192,7 @@ def inject_cases() -> dict[str, list[dict]]:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(_vllm_python() is None, reason="vLLM's virtualenv (make vllm) or models/ missing")
+@pytest.mark.skipif(vllm_python() is None, reason="vLLM's virtualenv (make vllm) or models/ missing")
 def test_vllm_accepts_every_injected_command():
     """vLLM 0.32's parser (and, for the single-GPU shapes, its engine config) takes every server command inject
     wrote: host 127.0.0.1, the loopback port the sidecar's --upstream names, the two per-request flags."""
@@ -261,12 +217,7 @@ def test_vllm_accepts_every_injected_command():
     # production-stack's real chart adds its engine when it is present
     expected = 7 + (1 if os.environ.get("SPECDEC_PRODUCTION_STACK_CHART") else 0)
     assert len(cases) == expected, sorted(cases)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run([str(_vllm_python()), "-c", VLLM_CHECK, json.dumps(cases)], capture_output=True,
-                          text=True, timeout=540, env=env, check=False)  # fmt: skip
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line, proc.stderr[-3000:]
-    results = json.loads(line.removeprefix("RESULTS "))
+    results = vllm_accepts(cases)
     for name, result in results.items():
         assert result["ok"], f"{name}: {result}"
         assert result["host"] == "127.0.0.1" and result["force_usage"] is True, name

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from manifests import container, docs, owner_of
 
 from sidecar.cli import _settings_from, build_parser, main
 from sidecar.commands import inject
@@ -48,10 +49,6 @@ def injected(text: str, *flags: str) -> str:
     return out
 
 
-def docs(text: str) -> list[dict]:
-    return [d for d in yaml.safe_load_all(text) if d is not None]
-
-
 def ordered(obj) -> str:
     """A rendering that differs whenever values or the order of keys differ."""
     return json.dumps(obj, sort_keys=False)
@@ -60,19 +57,6 @@ def ordered(obj) -> str:
 def named(objects: list[dict], kind: str, name: str) -> dict:
     [found] = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
     return found
-
-
-def container(spec: dict, name: str) -> dict:
-    [found] = [c for c in (spec.get("initContainers") or []) + spec["containers"] if c["name"] == name]
-    return found
-
-
-def owner_of(spec: dict, port) -> str:
-    """The container whose declared port a Service / pool / router reaching *port* (number or name) ends at."""
-    owners = [c["name"] for c in (spec.get("initContainers") or []) + spec["containers"]
-              for p in c.get("ports") or [] if port in (p.get("name"), p["containerPort"])]  # fmt: skip
-    assert len(owners) == 1, f"port {port}: {owners}"
-    return owners[0]
 
 
 def sidecar_settings(sidecar: dict):
