@@ -241,7 +241,9 @@ def crd_validator(kind: str):
 @pytest.mark.parametrize("scenario", ["all-toggles", "monitoring-only"])
 def test_operator_objects_validate_against_crd_schemas(scenario):
     docs = [d for d in render(scenario) if d["kind"] in MONITORING_KINDS]
-    assert {d["kind"] for d in docs} >= {"PodMonitor", "PrometheusRule", "AlertmanagerConfig"}
+    # one of the two monitors (enabling both fails the render: the same endpoints scraped twice)
+    monitors = {"all-toggles": "ServiceMonitor", "monitoring-only": "PodMonitor"}[scenario]
+    assert {d["kind"] for d in docs} >= {monitors, "PrometheusRule", "AlertmanagerConfig"}
     for doc in docs:
         errors = sorted(crd_validator(doc["kind"]).iter_errors(doc), key=str)
         assert not errors, f"{doc['kind']}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
@@ -465,9 +467,9 @@ def test_native_sidecar_or_second_container():
     [init] = spec["initContainers"]
     assert init["name"] == "specdec-sidecar" and init["restartPolicy"] == "Always"
     assert [c["name"] for c in spec["containers"]] == ["vllm"]
-    spec = pod_spec(render("all-toggles"))  # sidecar.native: false
-    assert "initContainers" not in spec
-    assert [c["name"] for c in spec["containers"]] == ["vllm", "specdec-sidecar"]
+    spec = pod_spec(render("all-toggles"))  # sidecar.native: false; extraInitContainers, extraContainers
+    assert [c["name"] for c in spec["initContainers"]] == ["model-ready"]
+    assert [c["name"] for c in spec["containers"]] == ["vllm", "specdec-sidecar", "log-shipper"]
     assert "restartPolicy" not in spec["containers"][1]
 
 
@@ -694,10 +696,22 @@ def test_sidecar_is_hardened(scenario):
 def test_service_and_pod_monitors_scrape_the_sidecar_as_job_specdec_sidecar():
     docs = render("all-toggles")
     service = only(docs, "Service")
+    # all toggles has the ServiceMonitor; the PodMonitor instead of it (both at once fail the render)
+    pod_monitor_docs = [
+        d
+        for d in yaml.safe_load_all(
+            helm_template(*SCENARIOS["all-toggles"], "--set", "serviceMonitor.enabled=false", "--set", "podMonitor.enabled=true").stdout
+        )
+        if d
+    ]
+    docs = [*docs, only(pod_monitor_docs, "PodMonitor")]
     for kind, endpoints in (("ServiceMonitor", "endpoints"), ("PodMonitor", "podMetricsEndpoints")):
         monitor = only(docs, kind)
-        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-        [endpoint] = monitor["spec"][endpoints]
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"  # monitoring.labels
+        # the sidecar's own metrics, then vLLM's through the proxy port (tests/live/test_vllm_metrics_scrape.py)
+        endpoint, vllm_endpoint = monitor["spec"][endpoints]
+        assert vllm_endpoint["port"] == "http" and vllm_endpoint["path"] == "/metrics"
+        assert {"action": "replace", "targetLabel": "job", "replacement": "vllm"} in vllm_endpoint["relabelings"]
         assert endpoint["port"] == "specdec-metrics" and endpoint["path"] == "/metrics"
         relabel = endpoint["relabelings"]
         assert {"action": "replace", "targetLabel": "job", "replacement": "specdec-sidecar"} in relabel
@@ -722,7 +736,9 @@ def test_service_and_pod_monitors_scrape_the_sidecar_as_job_specdec_sidecar():
 
 
 def test_prometheus_rule_holds_the_rules_of_alerts_and_passes_promtool(tmp_path):
-    rule = only(render("all-toggles"), "PrometheusRule")
+    # with the defaults the rules are alerts/'s as they are (values applied: tests/live/test_helm_rules.py)
+    rendered = helm_template("--set", "prometheusRule.enabled=true", "--set", "monitoring.labels.release=kube-prometheus-stack")
+    rule = only([d for d in yaml.safe_load_all(rendered.stdout) if d], "PrometheusRule")
     expected = []
     for path in sorted((ROOT / "alerts").glob("*.yaml")):
         expected += yaml.safe_load(path.read_text())["groups"]

@@ -180,6 +180,10 @@ container with restartPolicy: Always) or as a second container.
   env:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with .Values.sidecar.envFrom }}
+  envFrom:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   ports:
     - name: http
       containerPort: {{ .Values.sidecar.proxyPort }}
@@ -250,18 +254,31 @@ specdec-sidecar.apiKeyDir: where the sidecar finds vLLM's API key (the Secret vl
 {{- end }}
 
 {{/*
-specdec-sidecar.monitorRelabelings: relabelings shared by the ServiceMonitor and the PodMonitor: the job is
-always "specdec-sidecar" (alerts/ selects it by that name) and namespace is the target's namespace.
-Argument: the monitor's values (serviceMonitor or podMonitor).
+specdec-sidecar.monitorRelabelings: relabelings of one ServiceMonitor/PodMonitor endpoint: the job (always
+"specdec-sidecar" for the sidecar's own metrics: alerts/ selects it by that name; monitoring.vllmMetrics.job
+for vLLM's) and namespace, the target's namespace; then the monitor's own relabelings.
+Argument: dict "job" <job> "relabelings" <the monitor's relabelings>.
 */}}
 {{- define "specdec-sidecar.monitorRelabelings" -}}
 - action: replace
   targetLabel: job
-  replacement: specdec-sidecar
+  replacement: {{ .job }}
 - action: replace
   sourceLabels: [__meta_kubernetes_namespace]
   targetLabel: namespace
 {{- with .relabelings }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.monitoringLabels: the labels every monitoring object carries besides the standard ones:
+monitoring.labels (shared, e.g. the `release` label a kube-prometheus-stack Prometheus selects by), then the
+object's own additionalLabels (which win on a clash). Argument: dict "root" $ "own" <additionalLabels>.
+*/}}
+{{- define "specdec-sidecar.monitoringLabels" -}}
+{{- $labels := merge (dict) (default dict .own) (default dict .root.Values.monitoring.labels) }}
+{{- with $labels }}
+{{- toYaml . }}
 {{- end }}
 {{- end }}
