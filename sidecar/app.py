@@ -29,6 +29,7 @@ from sidecar.export.status_page import StatusPage
 from sidecar.model_names import ModelNames, served_names
 from sidecar.tap.metrics import RequestMetrics
 from sidecar.tap.proxy import Proxy
+from sidecar.tap.proxy_metrics import ProxyMetrics
 from sidecar.tap.windows import TapHealth, TapMonitor
 from sidecar.upstream.monitor import Monitor, MonitorState
 from sidecar.upstream.scrape import Scraper
@@ -176,6 +177,8 @@ async def _proxy(app: web.Application) -> AsyncIterator[None]:
         connect_timeout=settings.upstream_connect_timeout,
         # Idle connections retire after --upstream-keepalive, before vLLM (uvicorn, 5 s) closes them.
         keepalive=settings.upstream_keepalive,
+        # The proxy's own RED families: registered only when there is a proxy to describe.
+        metrics=ProxyMetrics(app[REGISTRY]),
     )
     app[PROXY_PORT] = await proxy.start(settings.proxy_host, settings.proxy_port, backlog=1024)
     log.info("proxy_started", listen=f"{settings.proxy_host}:{app[PROXY_PORT]}", upstream=settings.upstream_for_logs)

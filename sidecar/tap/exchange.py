@@ -20,6 +20,8 @@ again, and how each failure is counted.
   before it died, so the client gets the 502 (as nginx, which retries no non-idempotent request once it
   was sent). The pool does not hand out a connection vLLM closed while it was idle (``upstream.py``).
 * Every observed request is recorded exactly once (``Recorder.request_done``), whatever path it took.
+* Every request on any path is counted once by the status its client got, the failures the proxy answered
+  itself by reason, and the sidecar's own time per relayed request is observed (``proxy_metrics.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +46,17 @@ from sidecar.tap.observe import (
     decoded_body,
     read_request,
 )
-from sidecar.tap.upstream import NO_RESPONSE, UNSENT, Head, Origin, UpstreamConnection, UpstreamError, UpstreamPool
+from sidecar.tap.proxy_metrics import ERROR_STATUS, UPSTREAM_CLOSED, UPSTREAM_RESET, ProxyMetrics
+from sidecar.tap.upstream import (
+    CONNECT,
+    NO_RESPONSE,
+    UNSENT,
+    Head,
+    Origin,
+    UpstreamConnection,
+    UpstreamError,
+    UpstreamPool,
+)
 
 log = structlog.get_logger("sidecar.tap.exchange")
 
@@ -139,14 +151,16 @@ class ExchangePolicy:
     """Runs each request the HTTP/1.1 layer hands over (``exchange``), against *pool*'s connections to *origin*.
 
     *max_observed_body*: the most one request's body or buffered response may hold for observation;
-    *budget*: what all in-flight observations together may hold."""
+    *budget*: what all in-flight observations together may hold; *metrics*: the proxy's own RED families
+    (None: not counted)."""
 
     def __init__(self, origin: Origin, pool: UpstreamPool, recorder: Recorder, max_observed_body: int,
-                 budget: Budget) -> None:
+                 budget: Budget, metrics: ProxyMetrics | None = None) -> None:
         self.origin = origin
         self.pool = pool
         self.budget = budget
         self._recorder = recorder
+        self._metrics = metrics
         self._limit = max_observed_body
         self._problems = RateLimited(log)
 
@@ -165,33 +179,46 @@ class ExchangePolicy:
             ex.client_gone()
             return False
         finally:
+            if self._metrics is not None:
+                self._metrics.response(ex.outcome.status)
             self._record(ex)
 
     async def _exchange(self, request: Request, client: ClientConnection, ex: Exchange) -> bool:
         if request.target[:1] != b"/":
             self._problems.warning("proxy_rejected_target", "not_a_path", method=request.method.decode("latin-1"))
+            ex.outcome.status = 400
             return client.reply(request, 400, openai_error(
                 400, "This proxy forwards only origin-form targets (/path).", "invalid_request_error"))
         if request.expect is not None and request.version != "1.0":
             if request.expect.lower() != b"100-continue":
+                ex.outcome.status = 417
                 return client.reply(request, 417, b"")
             if not request.body_done:  # the client waits for this before it sends the body
                 client.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         held = 0
         try:
             body, held = await self._request_body(request, ex)
+            # Received: the request's last byte (or the exchange's start, for a pipelined request that waited
+            # its turn), or now when its body streams through: what the proxy waits for before it sends. The
+            # sidecar's own time runs from here to the request written to vLLM.
+            received = max(request.done_at, ex.started) if request.body_done else time.perf_counter()
             conn, head = await self._send(request, body)
         except UpstreamError as error:
-            ex.upstream_failure("upstream_unreachable", 502)
+            reason = error.cause if error.stage == CONNECT and error.cause else UPSTREAM_CLOSED
+            status = ERROR_STATUS[reason]
+            ex.upstream_failure("upstream_unreachable", status)
+            if self._metrics is not None:
+                self._metrics.error(reason)
             self._problems.warning("proxy_upstream_unreachable", error.stage, detail=str(error)[:200])
             if request.stream_to is not None or not request.body_done:
                 request.keep_alive = False  # the rest of its body is not going to be read
-            return client.reply(request, 502, openai_error(
-                502, "The model server behind this proxy could not be reached.", "upstream_unavailable"))
+            return client.reply(request, status, openai_error(
+                status, "The model server behind this proxy could not be reached." if status == 502 else
+                "The model server behind this proxy did not accept a connection in time.", "upstream_unavailable"))
         finally:
             self.budget.give(held)
         try:
-            return await self._relay(request, client, conn, head, ex)
+            return await self._relay(request, client, conn, head, ex, received)
         finally:
             if request.stream_to is not None and not request.body_done:
                 conn.close()  # vLLM answered before the body ended: the rest must not reach another request
@@ -297,7 +324,8 @@ class ExchangePolicy:
         return error.stage == NO_RESPONSE and conn.reused and request.method in SAFE_METHODS
 
     async def _relay(
-        self, request: Request, client: ClientConnection, conn: UpstreamConnection, head: Head, ex: Exchange
+        self, request: Request, client: ClientConnection, conn: UpstreamConnection, head: Head, ex: Exchange,
+        received: float,
     ) -> bool:
         ex.outcome.status = head.status
         observer: SseObserver | BodyObserver | None = None
@@ -316,11 +344,15 @@ class ExchangePolicy:
             client.begin_response(conn)
             if not done.done():
                 writer.flush_head()  # the head goes out now, not with the first event (TTFT stays honest)
+            if self._metrics is not None:  # the head is out (with the first body piece, or just now)
+                self._metrics.overhead_seconds(conn.sent_at - received + time.perf_counter() - conn.first_byte_at)
             try:
                 await done
             except UpstreamError as error:
                 # Upstream broke mid-body: the client must see a broken response, not a clean short one.
                 ex.upstream_failure("upstream_reset")
+                if self._metrics is not None:
+                    self._metrics.error(UPSTREAM_RESET)
                 self._problems.warning("proxy_upstream_reset", error.stage, detail=str(error)[:200])
                 client.abort_response()
                 return False

@@ -26,6 +26,7 @@ import contextlib
 import socket
 import struct
 from collections import deque
+from time import perf_counter
 from typing import Protocol
 
 import httptools
@@ -47,7 +48,7 @@ MAX_HEAD = 64 * 1024
 # A client connection idle this long between requests is closed (aiohttp's and nginx's default is 75 s).
 CLIENT_KEEPALIVE = 75.0
 REASONS = {400: b"Bad Request", 417: b"Expectation Failed", 431: b"Request Header Fields Too Large",
-           502: b"Bad Gateway"}
+           502: b"Bad Gateway", 504: b"Gateway Timeout"}
 # The response's own Content-Length is written by ``ResponseWriter`` itself (kept as vLLM sent it).
 _RESPONSE_DROP = frozenset({b"content-length"})
 
@@ -96,11 +97,20 @@ class Handler(Protocol):
         ...
 
 
+class Counts(Protocol):
+    """Where this layer counts what it does on its own (``ProxyMetrics``): the responses it gives without
+    an exchange (400 and 431 for heads it cannot take), and the connections it closes at the buffer cap."""
+
+    def response(self, status: int) -> None: ...
+    def error(self, reason: str) -> None: ...
+
+
 class Request:
     """One request as the client sent it, its body arriving through the client connection."""
 
     __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "length", "body", "size",
-                 "body_done", "body_broken", "stream_to", "waiter", "expect", "owner", "_max_held", "_chunks_out")
+                 "body_done", "done_at", "body_broken", "stream_to", "waiter", "expect", "owner", "_max_held",
+                 "_chunks_out")
 
     def __init__(self, method: bytes, target: bytes, version: str, headers: list[tuple[bytes, bytes]],
                  keep_alive: bool, owner: ClientConnection, max_held: int) -> None:
@@ -127,6 +137,7 @@ class Request:
         self.body: list[bytes] = []
         self.size = 0  # bytes in ``body``
         self.body_done = False
+        self.done_at = 0.0  # perf_counter() when the request's last byte arrived
         self.body_broken = False
         # Once streaming: the upstream connection the rest of the body goes to as it arrives.
         self.stream_to: BodySink | None = None
@@ -162,6 +173,7 @@ class Request:
 
     def finish(self) -> None:
         self.body_done = True
+        self.done_at = perf_counter()
         if self.stream_to is not None and self._chunks_out:
             self.stream_to.write_body(b"0\r\n\r\n")
         self._wake()
@@ -259,8 +271,10 @@ class Http1Server:
     0.12 MB). The cap is checked each time a connection stalls; past it, the stalled connections holding
     the most are closed until the rest fit (their exchanges end as the client's failure)."""
 
-    def __init__(self, handler: Handler, max_held_body: int, max_buffered: int | None = None) -> None:
+    def __init__(self, handler: Handler, max_held_body: int, max_buffered: int | None = None,
+                 counts: Counts | None = None) -> None:
         self.handler = handler
+        self.counts = counts
         self.max_held_body = max_held_body
         self.max_buffered = max_buffered
         self.read_buffer = ReadBuffer()
@@ -323,6 +337,8 @@ class Http1Server:
                                    buffered=total, cap=cap)
             total -= size
             self._backlogged.discard(worst)
+            if self.counts is not None:
+                self.counts.error("buffered_bytes_cap")
             worst.abort()
 
 
@@ -546,6 +562,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self._task is None:
             self.write(b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                        % (status, REASONS[status]))
+            if self.server.counts is not None:
+                self.server.counts.response(status)
             self.shutdown()
         else:  # a request is being answered: end the connection after it
             if self._reading is not None and not self._reading.body_done:

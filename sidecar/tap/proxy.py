@@ -5,8 +5,8 @@ unchanged, streamed as they arrive (no whole bodies held), except hop-by-hop hea
 the body's framing on each hop (a chunked or close-delimited body reaches an HTTP/1.1 client chunked).
 Bodies are neither decompressed nor re-encoded, in either direction: a gzip-encoded request reaches vLLM
 as the client sent it. A client that goes away cancels its exchange, which closes the upstream connection,
-so vLLM aborts the request. If vLLM cannot be reached the client gets a 502 with an OpenAI-style JSON
-error; a request target that is not a path (absolute-form, ``OPTIONS *``) gets a 400.
+so vLLM aborts the request. If vLLM cannot be reached the client gets a 502 (a 504 when connecting timed
+out) with an OpenAI-style JSON error; a request target that is not a path (absolute-form, ``OPTIONS *``) gets a 400.
 
 Three layers, each in its own module, assembled here:
 
@@ -29,6 +29,7 @@ import asyncio
 from sidecar.tap.exchange import ExchangePolicy, Recorder
 from sidecar.tap.http1 import Http1Server
 from sidecar.tap.observe import Budget
+from sidecar.tap.proxy_metrics import ProxyMetrics
 from sidecar.tap.upstream import Origin, UpstreamPool
 
 # All in-flight observations together hold at most this many times --max-observed-body.
@@ -42,7 +43,8 @@ class Proxy:
     least 64 KiB, what a request body not yet sent may hold before the client's reading pauses);
     *connect_timeout*, *keepalive*: for connections to vLLM; *budget*: what all observations may hold
     together (``BUDGET_FACTOR`` × *max_observed_body* by default); *max_buffered_bytes*: the most all
-    clients that stopped reading may hold of their responses in the proxy (``Http1Server``; None: no cap)."""
+    clients that stopped reading may hold of their responses in the proxy (``Http1Server``; None: no cap);
+    *metrics*: the proxy's own RED families (``proxy_metrics.py``; None: not counted)."""
 
     def __init__(
         self,
@@ -53,13 +55,14 @@ class Proxy:
         keepalive: float,
         budget: Budget | None = None,
         max_buffered_bytes: int | None = None,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         origin = Origin(upstream)
         self.pool = UpstreamPool(origin.hostname, origin.port, keepalive, connect_timeout, origin.tls)
         self.budget = budget if budget is not None else Budget(BUDGET_FACTOR * max_observed_body)
-        self.policy = ExchangePolicy(origin, self.pool, recorder, max_observed_body, self.budget)
+        self.policy = ExchangePolicy(origin, self.pool, recorder, max_observed_body, self.budget, metrics)
         self.server = Http1Server(self.policy, max_held_body=max(max_observed_body, 64 * 1024),
-                                  max_buffered=max_buffered_bytes)
+                                  max_buffered=max_buffered_bytes, counts=metrics)
 
     async def start(self, host: str, port: int, backlog: int = 1024) -> int:
         """Listen on *host*:*port* (0: any free port); returns the port."""

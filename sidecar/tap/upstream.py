@@ -23,6 +23,7 @@ import base64
 import select
 import ssl
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote, urlsplit
 
@@ -40,13 +41,20 @@ NO_RESPONSE = "no_response"
 RESPONSE = "response"
 
 
+# Why a connection could not be made, as the proxy's error counter names it (``ProxyMetrics``).
+CONNECT_REFUSED = "connect_refused"  # refused, or any other error of the connect (unreachable, reset)
+CONNECT_TIMEOUT = "connect_timeout"
+
+
 class UpstreamError(Exception):
     """The upstream connection failed at ``stage``: ``connect``, ``unsent``, ``no_response`` or ``response``
-    (the module's docstring says what each means)."""
+    (the module's docstring says what each means); a ``connect`` failure also says why (``cause``:
+    ``connect_timeout``, or ``connect_refused`` for any other)."""
 
-    def __init__(self, message: str, stage: str) -> None:
+    def __init__(self, message: str, stage: str, cause: str | None = None) -> None:
         super().__init__(message)
         self.stage = stage
+        self.cause = cause
 
 
 class Sink(Protocol):
@@ -150,6 +158,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._keep = False  # vLLM keeps the connection alive after this response
         self.sent = False  # some byte of the request was handed to the socket
         self.got_bytes = False
+        # perf_counter() when the request was handed to the socket, and when the response's first byte was
+        # read: the ends of the sidecar's own time on this hop (``ProxyMetrics.overhead``).
+        self.sent_at = 0.0
+        self.first_byte_at = 0.0
         self.complete = False
         # Told when the request body's write buffer fills and drains (the proxy then pauses reading the client).
         self.on_write_paused: Callable[[bool], None] | None = None
@@ -194,7 +206,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if self._head_waiter is None:  # bytes while idle: the connection is not in a state to reuse
             self.transport.close()  # type: ignore[union-attr]
             return
-        self.got_bytes = True
+        if not self.got_bytes:
+            self.got_bytes = True
+            self.first_byte_at = perf_counter()
         # The body pieces of one read (a chunk per event with vLLM) go to the sink as one: one write to the
         # client and one pass of the observer per read, not per event.
         batch: list[bytes] = []
@@ -285,6 +299,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self._head_waiter.set_exception(UpstreamError("connection closed before the request", UNSENT))
             return self._head_waiter
         transport.write(request_head + body if body else request_head)
+        self.sent_at = perf_counter()
         # A write the socket refused at once (the connection was reset while idle) closes the transport
         # before returning, with none of the request sent: its failure stays ``unsent``.
         self.sent = not transport.is_closing()
@@ -387,8 +402,10 @@ class UpstreamPool:
                 self.loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, ssl=self.tls),
                 self.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as error:
-            raise UpstreamError(f"{type(error).__name__}: {error}", CONNECT) from error
+        except TimeoutError as error:  # asyncio.TimeoutError is TimeoutError, an OSError: caught first
+            raise UpstreamError(f"{type(error).__name__}: {error}", CONNECT, CONNECT_TIMEOUT) from error
+        except OSError as error:
+            raise UpstreamError(f"{type(error).__name__}: {error}", CONNECT, CONNECT_REFUSED) from error
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

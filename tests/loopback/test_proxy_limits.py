@@ -11,8 +11,11 @@ import time
 
 import pytest
 
+from prometheus_client import CollectorRegistry
+
 from fakes import Recorder, wait_for
 from sidecar.tap.proxy import Proxy
+from sidecar.tap.proxy_metrics import ProxyMetrics
 from sidecar.tap.upstream import UpstreamPool
 
 pytestmark = pytest.mark.timeout(60)
@@ -80,8 +83,9 @@ async def test_a_post_vllm_read_before_it_died_is_not_sent_again():
     is not sent a second time (that would run the generation twice); the client gets the 502."""
     async with DiesAfterReading() as upstream:
         recorder = Recorder()
+        registry = CollectorRegistry()
         proxy = Proxy(f"http://127.0.0.1:{upstream.port}", recorder, max_observed_body=1 << 20,
-                      connect_timeout=2.0, keepalive=4.0)
+                      connect_timeout=2.0, keepalive=4.0, metrics=ProxyMetrics(registry))
         port = await proxy.start("127.0.0.1", 0)
         try:
             assert (await post(port, b'{"model":"m","prompt":"first"}')).startswith(b"HTTP/1.1 200")
@@ -96,6 +100,9 @@ async def test_a_post_vllm_read_before_it_died_is_not_sent_again():
         b'POST /v1/completions HTTP/1.1 {"model":"m","prompt":"second"}']
     outcome = recorder.calls[1][1]
     assert outcome.status == 502 and outcome.unattributed == "upstream_unreachable"
+    # the proxy's own count: one 502 it answered because vLLM closed before answering
+    assert registry.get_sample_value("specdec_proxy_errors_total", {"reason": "upstream_closed"}) == 1
+    assert registry.get_sample_value("specdec_proxy_requests_total", {"status_class": "5xx"}) == 1
 
 
 class ThreadedKeepAlive:
