@@ -41,7 +41,7 @@ def test_promtool_check_rules():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("name", ["recording_test.yaml", "alerts_test.yaml", "calibrated_test.yaml"])
+@pytest.mark.parametrize("name", ["recording_test.yaml", "alerts_test.yaml", "calibrated_test.yaml", "baseline_test.yaml"])
 def test_promtool_test_rules(name):
     out = subprocess.run([tool("promtool"), "test", "rules", name], cwd=ROOT / "tests" / "rules",
                          capture_output=True, text=True, timeout=300)
@@ -78,8 +78,8 @@ def test_recording_rule_names_and_comments():
 
 def test_every_alert_is_complete():
     names = [rule["alert"] for rule in alerts()]
-    assert len(names) == len(set(names)) == 10
-    tested = (ROOT / "tests" / "rules" / "alerts_test.yaml").read_text()
+    assert len(names) == len(set(names)) == 12
+    tested = "".join(path.read_text() for path in sorted((ROOT / "tests" / "rules").glob("*_test.yaml")))
     for rule in alerts():
         name = rule["alert"]
         assert name.startswith("SpecDecode") and re.fullmatch(r"[A-Z][A-Za-z0-9]+", name)
@@ -97,9 +97,24 @@ def test_every_alert_is_complete():
 
 
 def test_traffic_guard_on_every_acceptance_alert():
+    """Acceptance and TPOT alerts guard on draft tokens; those against the baseline arm on each arm's requests
+    (their ratios are recorded only above the minimum, and the model-wide part says it again)."""
     for rule in alerts():
         if "acceptance" in rule["expr"] or "tpot" in rule["expr"]:
-            assert "specdec:draft_tokens_guard:threshold" in rule["expr"], rule["alert"]
+            guards = ("specdec:draft_tokens_guard:threshold", "specdec:baseline_min_requests:threshold")
+            assert any(guard in rule["expr"] for guard in guards), rule["alert"]
+
+
+def test_baseline_ratios_are_gated_by_both_arms_and_the_band_is_decisions():
+    from sidecar.decision import DEFAULT_BAND
+
+    exprs = {r["record"]: r["expr"].strip() for r in recording()}
+    assert exprs["specdec:speedup_band:threshold"] == f"vector({DEFAULT_BAND})"
+    ratios = [name for name in exprs if ":specdec_speedup_vs_baseline_" in name]
+    assert len(ratios) == 8  # TPOT and TTFT, P50 and P99, per bucket and per model
+    for name in ratios:
+        for arm in ("baseline", "speculative"):
+            assert f'increase30m{{arm="{arm}"}} >= on () group_left () specdec:baseline_min_requests:threshold' in exprs[name]
 
 
 def test_amtool_check_config():
