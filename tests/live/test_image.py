@@ -1,9 +1,11 @@
 """The container image, built and run for real without a registry or a container daemon:
 
-1. a Debian bookworm base (python3 3.11 + venv) made by ``mmdebstrap`` and imported with ``podman import``
-   (cached as .cache/image/debian-bookworm-python3.tar; a fresh clone builds it: 3 to 5 minutes here);
-2. ``make image`` with that base: the wheelhouse built on the host, then ``buildah bud --isolation chroot``
-   of the Containerfile (``pip install --no-index`` inside);
+1. two Debian bookworm bases made by ``mmdebstrap`` and imported with ``podman import``: the final stage's
+   (python3 3.11 + venv) and the builder's (the same plus gcc, libc6-dev and python3-dev), cached as
+   .cache/image/debian-bookworm-python3{,-build}.tar (a fresh clone builds them);
+2. ``make image`` with those bases and ``IMAGE_SOURCE=wheelhouse``: the dependencies downloaded on the host
+   into the wheelhouse, then ``buildah bud --isolation chroot`` of the Containerfile, whose builder stage
+   compiles the project's wheel (C scan included) with the base's own Python and no index;
 3. ``buildah run --isolation chroot`` of ``specdec-sidecar serve`` in the built image against a loopback
    upstream that replays real vLLM 0.32 captures; the host reads the sidecar's /metrics and sends a completion
    through its proxy.
@@ -33,6 +35,9 @@ from fakes import free_port
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "image"
 BASE_TAR = CACHE / "debian-bookworm-python3.tar"
+BUILDER_TAR = CACHE / "debian-bookworm-python3-build.tar"
+BASE_PACKAGES = "python3,python3-venv"
+BUILDER_PACKAGES = BASE_PACKAGES + ",python3-dev,gcc,libc6-dev"
 IMAGE = "localhost/specdec-sidecar:test"
 TOOLS = ("mmdebstrap", "buildah", "podman")
 
@@ -66,18 +71,18 @@ def sh(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
     return proc
 
 
-def base_image() -> str:
-    """The Debian base as a local image, built with mmdebstrap unless the cached tarball exists."""
-    if not BASE_TAR.exists():
+def base_image(tarball: Path = BASE_TAR, packages: str = BASE_PACKAGES) -> str:
+    """A Debian base with *packages* as a local image, built with mmdebstrap unless the cached tarball exists."""
+    if not tarball.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        partial = BASE_TAR.with_suffix(".partial.tar")
+        partial = tarball.with_suffix(".partial.tar")
         started = time.monotonic()
         sh(
             [
                 "mmdebstrap",
                 "--quiet",
                 "--variant=minbase",
-                "--include=python3,python3-venv",
+                f"--include={packages}",
                 '--aptopt=Acquire::Languages "none"',
                 "--dpkgopt=path-exclude=/usr/share/doc/*",
                 "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -87,23 +92,25 @@ def base_image() -> str:
             ],
             timeout=900,
         )
-        partial.rename(BASE_TAR)
-        print(f"mmdebstrap built the base in {time.monotonic() - started:.0f} s", file=sys.stderr)
+        partial.rename(tarball)
+        print(f"mmdebstrap built {tarball.name} in {time.monotonic() - started:.0f} s", file=sys.stderr)
     digest = hashlib.sha256()
-    with BASE_TAR.open("rb") as tar:
+    with tarball.open("rb") as tar:
         for block in iter(lambda: tar.read(1 << 20), b""):
             digest.update(block)
     tag = f"localhost/specdec-test-base:{digest.hexdigest()[:12]}"
     exists = subprocess.run(["podman", "image", "exists", tag], timeout=60, check=False)
     if exists.returncode != 0:
-        sh(["podman", "import", "--quiet", str(BASE_TAR), tag], timeout=300)
+        sh(["podman", "import", "--quiet", str(tarball), tag], timeout=300)
     return tag
 
 
 @pytest.fixture(scope="module")
 def image() -> dict:
-    """Build the image with `make image` on the mmdebstrap base; returns its OCI config."""
+    """Build the image with `make image` (offline: IMAGE_SOURCE=wheelhouse) on the mmdebstrap bases; returns its
+    OCI config."""
     base = base_image()
+    builder = base_image(BUILDER_TAR, BUILDER_PACKAGES)
     before = subprocess.run(
         ["podman", "image", "inspect", "--format", "{{.Id}}", IMAGE],
         capture_output=True,
@@ -122,6 +129,8 @@ def image() -> dict:
             "image",
             f"IMAGE={IMAGE}",
             f"IMAGE_BASE={base}",
+            f"IMAGE_BUILDER_BASE={builder}",
+            "IMAGE_SOURCE=wheelhouse",
             f"BIN={Path(sys.executable).parent}",
             "IMAGE_BUILD=buildah bud --isolation chroot --layers=false",
         ],
@@ -163,6 +172,9 @@ def test_image_config(image, container):
     assert list((site / "sidecar" / "tap").glob("_scan.cpython-*.so")), "the tap's C scan is built into the image"
     assert not (site / "devstack").exists(), "devstack/ is not part of the product"
     assert not (root / "tmp" / "wheels").exists(), "the wheelhouse stays in the build stage"
+    assert not (root / "src").exists() and not (root / "tmp" / "dist").exists(), "sources stay in the builder"
+    # slim: the builder's compiler and headers stay behind
+    assert not (root / "usr" / "bin" / "gcc").exists() and not list((root / "usr" / "include").glob("python3*"))
     assert not list((root / "opt" / "specdec-sidecar" / "bin").glob("pip*")), "no pip in the runtime image"
     # bytecode compiled at build time: a read-only root filesystem needs no __pycache__ writes
     assert list((site / "sidecar").glob("__pycache__/cli.*.pyc"))
