@@ -582,6 +582,7 @@ def test_vllm_accepts_the_rendered_args(tmp_path):
         name: (local(container(pod_spec(render(name)), "vllm")["args"]), True)
         for name in ("default", "all-toggles", "gpu")
     }
+    cases["baseline"] = (local(container(baseline_deployments()[1]["spec"]["template"]["spec"], "vllm")["args"]), True)
     # the same check refuses what vLLM refuses: the per-request flag without speculation
     refused = [a for a in cases["default"][0] if a != "--speculative-config" and not a.startswith("{")]
     cases["refused"] = (refused, True)
@@ -592,6 +593,79 @@ def test_vllm_accepts_the_rendered_args(tmp_path):
     assert results["default"]["spec"] == "ngram" and results["all-toggles"]["spec"] == "draft_model"
     assert (results["default"]["host"], results["default"]["port"]) == ("127.0.0.1", 8001)
     assert not results["refused"]["ok"] and "per-request-spec-decode-metrics" in results["refused"]["error"]
+    assert results["baseline"]["ok"], results["baseline"]  # the baseline arm: no speculation, no per-request flag
+    assert results["baseline"]["force_usage"] is True and not results["baseline"].get("spec")
+
+
+BASELINE = ["--set", "baseline.enabled=true", "--set", "baseline.replicas=2"]
+
+
+@cache
+def baseline_render(*extra: str) -> tuple[dict, ...]:
+    return tuple(d for d in yaml.safe_load_all(helm_template(*BASELINE, *extra).stdout) if d)
+
+
+def baseline_deployments(*extra: str) -> tuple[dict, dict]:
+    """(speculative, baseline) Deployments of a render with baseline.enabled."""
+    found = {d["metadata"]["name"]: d for d in baseline_render(*extra) if d["kind"] == "Deployment"}
+    assert sorted(found) == ["rel-specdec-sidecar", "rel-specdec-sidecar-baseline"], sorted(found)
+    return found["rel-specdec-sidecar"], found["rel-specdec-sidecar-baseline"]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("extra", [(), ("-f", str(CHART / "ci" / "all-toggles-values.yaml"))])
+def test_baseline_arm_is_a_second_deployment_without_speculation(extra):
+    import kubernetes_validate
+
+    docs = baseline_render(*extra)
+    for doc in docs:
+        if doc["kind"] not in MONITORING_KINDS:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    spec, base = baseline_deployments(*extra)
+    assert base["spec"]["replicas"] == 2 and spec["spec"]["replicas"] != 2
+    # disjoint selectors: each Deployment's selector takes its own pods and not the other's
+    sel = {n: d["spec"]["selector"]["matchLabels"] for n, d in (("spec", spec), ("base", base))}
+    pods = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in (("spec", spec), ("base", base))}
+    assert (sel["spec"]["specdec-sidecar/arm"], sel["base"]["specdec-sidecar/arm"]) == ("speculative", "baseline")
+    assert _selects(sel["spec"], pods["spec"]) and _selects(sel["base"], pods["base"])
+    assert not _selects(sel["spec"], pods["base"]) and not _selects(sel["base"], pods["spec"])
+    # the Service (and every monitor) selects both arms
+    service = only(docs, "Service")["spec"]["selector"]
+    assert _selects(service, pods["spec"]) and _selects(service, pods["base"])
+    for monitor in (d for d in docs if d["kind"] in ("ServiceMonitor", "PodMonitor")):
+        labels = monitor["spec"]["selector"]["matchLabels"]
+        if monitor["kind"] == "ServiceMonitor":
+            assert _selects(labels, only(docs, "Service")["metadata"]["labels"])
+        else:
+            assert _selects(labels, pods["spec"]) and _selects(labels, pods["base"])
+    # the same pod otherwise: vLLM without speculation, the sidecar told so
+    base_spec, spec_spec = base["spec"]["template"]["spec"], spec["spec"]["template"]["spec"]
+    base_vllm, spec_vllm = container(base_spec, "vllm")["args"], container(spec_spec, "vllm")["args"]
+    assert "--speculative-config" not in base_vllm and "--per-request-spec-decode-metrics" not in base_vllm
+    assert "--enable-force-include-usage" in base_vllm
+    assert [a for a in spec_vllm if a not in base_vllm] == [
+        "--speculative-config", spec_vllm[spec_vllm.index("--speculative-config") + 1],
+        "--per-request-spec-decode-metrics", "summary"]
+    calibration = rendered_calibration(docs)
+    base_args = container(base_spec, "specdec-sidecar")["args"]
+    assert sidecar_settings(base_args, calibration).speculative == "false"
+    assert sidecar_settings(container(spec_spec, "specdec-sidecar")["args"], calibration).speculative == "auto"
+    assert [a for a in base_args if not a.startswith("--speculative=")] == [
+        a for a in container(spec_spec, "specdec-sidecar")["args"] if not a.startswith("--speculative=")]
+    assert base_spec["volumes"] == spec_spec["volumes"]
+
+
+def test_without_the_baseline_the_selector_is_unchanged():
+    """Existing installs keep their immutable selector until they enable the baseline (docs/baseline.md)."""
+    [deployment] = [d for d in render("default") if d["kind"] == "Deployment"]
+    assert "specdec-sidecar/arm" not in deployment["spec"]["selector"]["matchLabels"]
+    assert deployment["spec"]["template"]["metadata"]["labels"]["specdec-sidecar/arm"] == "speculative"
+    assert deployment["metadata"]["name"] == "rel-specdec-sidecar"
+    monitoring = [d for d in baseline_render("-f", str(CHART / "ci" / "monitoring-only-values.yaml"))]
+    assert not [d for d in monitoring if d["kind"] == "Deployment"]
 
 
 def test_all_toggles_vllm_served_name_and_api_key():

@@ -48,6 +48,35 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
+specdec-sidecar.arm: which arm of the baseline comparison (docs/baseline.md) a Deployment render is:
+"baseline" when templates/baseline-deployment.yaml renders deployment.yaml with `arm` set in its context,
+else "speculative".
+*/}}
+{{- define "specdec-sidecar.arm" -}}
+{{- default "speculative" .arm }}
+{{- end }}
+
+{{/*
+specdec-sidecar.armName: the Deployment's name: fullname, with "-baseline" for the baseline arm.
+*/}}
+{{- define "specdec-sidecar.armName" -}}
+{{- if eq (include "specdec-sidecar.arm" .) "baseline" }}
+{{- printf "%s-baseline" (include "specdec-sidecar.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- else }}
+{{- include "specdec-sidecar.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+specdec-sidecar.armLabel: the arm label on both Deployments' pods. With baseline.enabled it is also in each
+Deployment's selector, so the two select disjoint pods (the Service and the monitors select by
+selectorLabels, both arms). Adding it to a selector is an immutable change: see docs/baseline.md.
+*/}}
+{{- define "specdec-sidecar.armLabel" -}}
+specdec-sidecar/arm: {{ include "specdec-sidecar.arm" . }}
+{{- end }}
+
+{{/*
 specdec-sidecar.serviceAccountName: the ServiceAccount the pod runs as.
 */}}
 {{- define "specdec-sidecar.serviceAccountName" -}}
