@@ -41,7 +41,8 @@ def test_promtool_check_rules():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("name", ["recording_test.yaml", "alerts_test.yaml", "calibrated_test.yaml", "baseline_test.yaml"])
+@pytest.mark.parametrize("name", ["recording_test.yaml", "alerts_test.yaml", "calibrated_test.yaml", "baseline_test.yaml",
+                                  "proxy_test.yaml"])
 def test_promtool_test_rules(name):
     out = subprocess.run([tool("promtool"), "test", "rules", name], cwd=ROOT / "tests" / "rules",
                          capture_output=True, text=True, timeout=300)
@@ -78,7 +79,7 @@ def test_recording_rule_names_and_comments():
 
 def test_every_alert_is_complete():
     names = [rule["alert"] for rule in alerts()]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 17
     tested = "".join(path.read_text() for path in sorted((ROOT / "tests" / "rules").glob("*_test.yaml")))
     for rule in alerts():
         name = rule["alert"]
@@ -88,8 +89,7 @@ def test_every_alert_is_complete():
         summary = rule["annotations"]["summary"]
         assert "{{" not in summary and summary.endswith("."), name
         description = rule["annotations"]["description"]
-        assert "$value" in description or name == "SpecDecodeSidecarAbsent", name  # absent() has no value to show
-        assert "$labels" in description or name == "SpecDecodeSidecarAbsent", name
+        assert "$value" in description and "$labels" in description, name
         url = rule["annotations"]["runbook_url"]
         assert url == RUNBOOK_BASE + name.lower(), name
         assert re.search(rf"^## {name}$", RUNBOOKS, re.M), f"no runbook section for {name}"
@@ -103,6 +103,30 @@ def test_traffic_guard_on_every_acceptance_alert():
         if "acceptance" in rule["expr"] or "tpot" in rule["expr"]:
             guards = ("specdec:draft_tokens_guard:threshold", "specdec:baseline_min_requests:threshold")
             assert any(guard in rule["expr"] for guard in guards), rule["alert"]
+
+
+def test_traffic_guard_on_the_alerts_that_are_not_about_speculation():
+    """KV cache and preemptions guard on generated tokens (they hold without speculation too); the proxy's
+    ratio and latency alerts on its requests. CPU throttling needs none: a throttled container is busy."""
+    by_name = {rule["alert"]: rule["expr"] for rule in alerts()}
+    for name in ("SpecDecodeKVCacheSaturated", "SpecDecodePreemptionsRising"):
+        assert "specdec:generation_tokens_guard:threshold" in by_name[name], name
+    for name in ("SpecDecodeProxyErrorRatioHigh", "SpecDecodeProxyUpstreamUnreachable", "SpecDecodeProxyAddedLatencyHigh"):
+        assert "specdec:proxy_requests_guard:threshold" in by_name[name], name
+
+
+def test_paging_alerts_are_the_ones_users_feel():
+    """What pages (critical): acceptance below break-even, a vLLM that was up and is gone, no sidecar scraped, and
+    the errors clients get through the proxy. A vLLM still loading is info; everything else a warning."""
+    severity = {rule["alert"]: rule["labels"]["severity"] for rule in alerts()}
+    assert {name for name, s in severity.items() if s == "critical"} == {
+        "SpecDecodeAcceptanceBelowBreakEven", "SpecDecodeSidecarUpstreamDown", "SpecDecodeSidecarAbsent",
+        "SpecDecodeProxyErrorRatioHigh"}
+    assert {name for name, s in severity.items() if s == "info"} == {"SpecDecodeSidecarUpstreamStarting"}
+    # the down alert pages only for a vLLM the sidecar has seen up; the starting one only for one it has not
+    by_name = {rule["alert"]: rule["expr"] for rule in alerts()}
+    assert "specdec_upstream_last_success_timestamp_seconds > 0" in by_name["SpecDecodeSidecarUpstreamDown"]
+    assert "specdec_upstream_last_success_timestamp_seconds == 0" in by_name["SpecDecodeSidecarUpstreamStarting"]
 
 
 def test_baseline_ratios_are_gated_by_both_arms_and_the_band_is_decisions():
