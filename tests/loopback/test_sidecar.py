@@ -117,6 +117,26 @@ async def test_upstream_vanishes_then_returns_with_reset_counters(sidecar, fake_
     assert (await sidecar.get("/readyz")).status == 200
 
 
+async def test_last_success_tells_a_vllm_not_up_yet_from_one_that_is_gone(sidecar, fake_vllm):
+    """What the upstream alerts tell apart (alerts.yaml): before vLLM has answered once the time of the last good
+    poll is 0 (SpecDecodeSidecarUpstreamStarting, info); once it has, it keeps that time while vLLM is gone
+    (SpecDecodeSidecarUpstreamDown pages)."""
+    get = sidecar.registry.get_sample_value
+    await fake_vllm.stop()  # vLLM still loading: nothing listens yet
+    await scrape_count(sidecar, 2)
+    assert get("specdec_upstream_up") == 0.0
+    assert get("specdec_upstream_last_success_timestamp_seconds") == 0.0  # exported, at 0, before any success
+    fake_vllm.text = fixture_text(SERIES[0])
+    await fake_vllm.start()
+    await wait_for(lambda: get("specdec_upstream_up") == 1.0, what="vLLM up")
+    first_seen = get("specdec_upstream_last_success_timestamp_seconds")
+    assert first_seen > 1.7e9
+    await fake_vllm.stop()
+    await wait_for(lambda: get("specdec_upstream_up") == 0.0, what="vLLM gone")
+    await scrape_count(sidecar, 2)
+    assert get("specdec_upstream_last_success_timestamp_seconds") >= first_seen > 0
+
+
 @pytest.mark.parametrize(
     ("setup", "reason"),
     [
