@@ -101,6 +101,8 @@ RUNBOOK = {
     "preempt": "SpecDecodePreemptionsRising",
     "upstream": "SpecDecodeSidecarUpstreamDown",
     "absent": "SpecDecodeSidecarAbsent",
+    "slower": "SpecDecodeSlowerThanBaseline",
+    "tail": "SpecDecodeTailRegression",
 }
 
 
@@ -460,6 +462,84 @@ def latency_row() -> list:
     ]
 
 
+BAND_LINE = "1 - specdec:speedup_band:threshold"
+
+
+def baseline_row() -> list:
+    """Against the baseline arm (docs/baseline.md): replicas without speculation on the same traffic."""
+    def ratio(level: str, metric: str, q: str, sel: str) -> str:
+        return f"{level}:specdec_speedup_vs_baseline_{metric}:{q}{{{sel}}}"
+
+    bucket = "namespace_model_temperature_bucket"
+    requests = f"namespace_model_temperature_bucket_arm:specdec_streamed_requests:increase30m{{{MB}"
+    columns = {"model": "model", "temperature_bucket": "temperature bucket", "Value #A": "TPOT P50 speed-up",
+               "Value #B": "TPOT P99 speed-up", "Value #C": "TTFT P50 speed-up", "Value #D": "TTFT P99 speed-up",
+               "Value #E": "requests (speculative)", "Value #F": "requests (baseline)"}
+    return [
+        table_panel(
+            "Measured speed-up against the baseline arm, per bucket",
+            "Baseline / speculative time per output token and time to first token, P50 and P99, over 30m, on "
+            "the same traffic (above 1: speculation helps; the same direction as `measure`'s speed-ups). A "
+            "ratio exists only where both arms served at least specdec:baseline_min_requests:threshold streamed "
+            "requests (100) in the window; the last two columns say how many they did. No rows: no baseline "
+            "arm, or too little traffic in one of them.",
+            [Q(ratio(bucket, "tpot", "p50", MB)), Q(ratio(bucket, "tpot", "p99", MB)),
+             Q(ratio(bucket, "ttft", "p50", MB)), Q(ratio(bucket, "ttft", "p99", MB)),
+             Q(f'sum without (arm) ({requests}, arm="speculative"}})'),
+             Q(f'sum without (arm) ({requests}, arm="baseline"}})')],
+            ("slower", "tail"), columns,
+            {"Value #A": "x", "Value #B": "x", "Value #C": "x", "Value #D": "x", "Value #E": "short",
+             "Value #F": "short"},
+            w=24, hidden=("__name__", "namespace"),
+        ),
+        ts("TPOT speed-up against the baseline arm: P50 and P99",
+           "Baseline / speculative TPOT per bucket and model-wide (above 1 speculation helps). The alert "
+           "SpecDecodeSlowerThanBaseline fires below the dashed line on the P50; a P50 above 1 with a P99 below "
+           "the line is SpecDecodeTailRegression, the mixed-workload signature.",
+           [Q(ratio(bucket, "tpot", "p50", MB), "{{model}} {{temperature_bucket}} P50"),
+            Q(ratio(bucket, "tpot", "p99", MB), "{{model}} {{temperature_bucket}} P99"),
+            Q(ratio("namespace_model", "tpot", "p50", M), "{{model}} all buckets P50"),
+            Q(ratio("namespace_model", "tpot", "p99", M), "{{model}} all buckets P99"),
+            Q(BAND_LINE, "slower than the baseline below this")],
+           "x", ("slower", "tail"), w=8, styles=[dashed("/.*below this$/", "red")]),
+        ts("TTFT speed-up against the baseline arm: P50 and P99",
+           "Baseline / speculative time to first token per bucket and model-wide (above 1 speculation helps). "
+           "The draft adds prefill and scheduling work, so TTFT often loses a little where TPOT gains.",
+           [Q(ratio(bucket, "ttft", "p50", MB), "{{model}} {{temperature_bucket}} P50"),
+            Q(ratio(bucket, "ttft", "p99", MB), "{{model}} {{temperature_bucket}} P99"),
+            Q(ratio("namespace_model", "ttft", "p50", M), "{{model}} all buckets P50"),
+            Q(ratio("namespace_model", "ttft", "p99", M), "{{model}} all buckets P99")],
+           "x", ("slower",), w=8),
+        ts("Each arm's TPOT and TTFT: P50 and P99",
+           "The two sides of every ratio: each arm's own TPOT and TTFT quantiles over the 30m window, per bucket "
+           "and model-wide. A ratio that moves because the baseline got slower (load, a noisy neighbour) reads "
+           "differently from one that moves because speculation did.",
+           [Q(f"namespace_model_temperature_bucket_arm:specdec_request_{kind}_seconds:{p}_rate30m{{{MB}}}",
+              f"{{{{model}}}} {{{{temperature_bucket}}}} {{{{arm}}}} {kind.upper()} {p.upper()}")
+            for kind in ("tpot", "ttft") for p in ("p50", "p99")]
+           + [Q(f"namespace_model_arm:specdec_request_{kind}_seconds:{p}_rate30m{{{M}}}",
+                f"{{{{model}}}} {{{{arm}}}} {kind.upper()} {p.upper()}")
+              for kind in ("tpot", "ttft") for p in ("p50", "p99")],
+           "s", ("slower", "tail"), w=8),
+        ts("Requests per arm in the comparison window",
+           "Streamed requests with a TPOT each arm served per bucket over the 30m window (and per model, every "
+           "bucket together), and the minimum each needs before a ratio is recorded (dashed). A ratio of two "
+           "thin arms is noise: docs/baseline.md says how many a bucket needs.",
+           [Q(f"namespace_model_temperature_bucket_arm:specdec_streamed_requests:increase30m{{{MB}}}",
+              "{{model}} {{temperature_bucket}} {{arm}}"),
+            Q(f"namespace_model_arm:specdec_streamed_requests:increase30m{{{M}}}", "{{model}} all buckets {{arm}}"),
+            Q("specdec:baseline_min_requests:threshold", "minimum per arm")],
+           "short", ("slower",), w=12, styles=[dashed("minimum per arm", "orange")]),
+        ts("Load per replica in each arm",
+           "vLLM's running requests per replica, averaged over each arm's pods, and the replicas in each arm. "
+           "The comparison is fair only while both arms carry about the same load per replica; a Service does "
+           "not balance by load.",
+           [Q(f"namespace_model_arm:specdec_requests_running:avg{{{M}}}", "{{model}} {{arm}} running per replica"),
+            Q(f"namespace_model_arm:specdec_replicas:count{{{M}}}", "{{model}} {{arm}} replicas")],
+           "short", ("slower",), w=12),
+    ]
+
+
 def kv_row() -> list:
     return [
         ts("KV cache usage (fullest pod)",
@@ -580,6 +660,7 @@ def build_overview() -> dash.Dashboard:
         ("Verdict: keep speculation on?", verdict_row()),
         ("Acceptance against break-even", acceptance_row()),
         ("Latency by temperature bucket (streamed requests)", latency_row()),
+        ("Against the baseline arm (replicas without speculation, same traffic)", baseline_row()),
         ("KV pressure", kv_row()),
         ("Sidecar and upstream health", health_row()),
     ]
