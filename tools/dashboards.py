@@ -41,16 +41,26 @@ OUT = REPO / "dashboards"
 # The alerts' runbook_url base; a dashboard variable, so a fork or a mirror can point it elsewhere.
 RUNBOOK_BASE = "https://github.com/specdec-sidecar/specdec-sidecar/blob/main/docs/runbooks.md"
 NO_TRAFFIC = "No traffic"
+# Panels that read recorded series are empty for two reasons, and say both: without the recording rules
+# (the PrometheusRule, or alerts/recording-rules.yaml) nothing is recorded, whatever the traffic. The
+# "Recording rules" stat in the health row tells which.
+NO_RULES = "No data: install the PrometheusRule (recording rules), or no traffic"
+# Recorded series carry names with colons (level:metric:operations); the raw series never do.
+RECORDED = re.compile(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b")
 
 DS = common.DataSourceRef(type_val="prometheus", uid="${datasource}")
 
 # Label selectors. Recorded series are aggregated by (namespace, model[, temperature_bucket]): the pod filter
-# only applies to the raw per-pod series.
-M = 'namespace=~"$namespace", model=~"$model"'
+# only applies to the raw per-pod series. `cluster` is matched with =~ like every other label: its "All" is .*,
+# which also matches a series without the label, so a Prometheus with no cluster label (one cluster, no
+# Thanos, the chart's clusterLabel unset) answers every query as if the selector were not there.
+C = 'cluster=~"$cluster"'
+N = C + ', namespace=~"$namespace"'
+M = N + ', model=~"$model"'
 MB = M + ', temperature_bucket=~"$temperature_bucket"'
 MP = M + ', pod=~"$pod"'
 MBP = MB + ', pod=~"$pod"'
-P = 'namespace=~"$namespace", pod=~"$pod"'
+P = N + ', pod=~"$pod"'
 
 # Each model's thresholds as the sidecars export them (calibrated by `measure` at the current load, or their
 # configured defaults), weighted by draft tokens across pods in the recording rules; the alerts read the same.
@@ -101,6 +111,11 @@ RUNBOOK = {
     "preempt": "SpecDecodePreemptionsRising",
     "upstream": "SpecDecodeSidecarUpstreamDown",
     "absent": "SpecDecodeSidecarAbsent",
+    "starting": "SpecDecodeSidecarUpstreamStarting",
+    "proxy_errors": "SpecDecodeProxyErrorRatioHigh",
+    "proxy_unreachable": "SpecDecodeProxyUpstreamUnreachable",
+    "proxy_latency": "SpecDecodeProxyAddedLatencyHigh",
+    "throttled": "SpecDecodeSidecarCPUThrottled",
     "slower": "SpecDecodeSlowerThanBaseline",
     "tail": "SpecDecodeTailRegression",
 }
@@ -164,6 +179,11 @@ THRESHOLD_LINES = [
 THRESHOLD_STYLE = [dashed("/.* break-even$/", "red"), dashed("/.* near-break-even upper edge$/", "orange")]
 
 
+def no_value(queries: Iterable[Q]) -> str:
+    """What an empty panel says: "No traffic", or, when it reads recorded series, that the rules may be missing."""
+    return NO_RULES if any(RECORDED.search(q.expr) for q in queries) else NO_TRAFFIC
+
+
 def ts(title: str, description: str, queries: list[Q], unit: str, runbooks: tuple[str, ...], *,
        w: int = 12, h: int = 8, styles: list | None = None, stack: bool = False, soft_max: float | None = None):
     panel = (
@@ -172,7 +192,7 @@ def ts(title: str, description: str, queries: list[Q], unit: str, runbooks: tupl
         .description(description)
         .datasource(DS)
         .unit(unit)
-        .no_value(NO_TRAFFIC)
+        .no_value(no_value(queries))
         .span(w)
         .height(h)
         .line_width(2)
@@ -197,7 +217,8 @@ def ts(title: str, description: str, queries: list[Q], unit: str, runbooks: tupl
 def table_panel(title: str, description: str, queries: list[Q], runbooks: tuple[str, ...], columns: dict[str, str],
                 units: dict[str, str], *, w: int = 12, h: int = 8, verdict_column: str | None = None,
                 hidden: tuple[str, ...] = ()):
-    """An instant table; ``columns`` renames fields (e.g. ``Value #A``) and fixes their order."""
+    """An instant table; ``columns`` renames fields (e.g. ``Value #A``) and fixes their order; ``units`` per
+    field (every other column, labels included, is unitless: ``none``)."""
     rename = dict(columns)
     order = {name: i for i, name in enumerate(columns)}
     exclude = {"Time": True, **{h_: True for h_ in hidden}}
@@ -206,7 +227,8 @@ def table_panel(title: str, description: str, queries: list[Q], runbooks: tuple[
         .title(title)
         .description(description)
         .datasource(DS)
-        .no_value(NO_TRAFFIC)
+        .unit("none")
+        .no_value(no_value(queries))
         .span(w)
         .height(h)
         .links(runbook_links(*runbooks))
@@ -249,7 +271,8 @@ def verdict_row() -> list:
             "near-break-even edge, NEAR BREAK-EVEN from break-even up to it, DISABLE below break-even; "
             "'insufficient data' while proposed draft tokens are under the traffic guard.")
         .datasource(DS)
-        .no_value(NO_TRAFFIC)
+        .unit("none")
+        .no_value(NO_RULES)
         .span(7)
         .height(7)
         .mappings(VERDICT_MAPPINGS)
@@ -318,8 +341,8 @@ def verdict_row() -> list:
         "Alerts from alerts/alerts.yaml firing now (Prometheus's ALERTS series), for the selected namespaces "
         "and models; alerts without a model or namespace label (sidecar health) always show. Each alert "
         "has a runbook section in the panel links.",
-        [Q('ALERTS{alertname=~"SpecDecode.*", alertstate="firing", namespace=~"($namespace)|", '
-           'model=~"($model)|"}')],
+        [Q('ALERTS{alertname=~"SpecDecode.*", alertstate="firing", cluster=~"($cluster)|", '
+           'namespace=~"($namespace)|", model=~"($model)|"}')],
         tuple(RUNBOOK),
         {"alertname": "alert", "severity": "severity", "namespace": "namespace", "model": "model",
          "temperature_bucket": "temperature bucket"},
@@ -421,6 +444,7 @@ def heatmap_panel():
             "specdec_request_acceptance_rate histogram). Two bands, one near 0 and one high, are a mixed "
             "workload: find the slice in the temperature panels.")
         .datasource(DS)
+        .unit("reqps")
         .no_value(NO_TRAFFIC)
         .span(8)
         .height(8)
@@ -547,24 +571,30 @@ def kv_row() -> list:
            "KV budget, so speculation directly reduces how many requests fit. The alert fires above 90% with "
            "requests waiting.",
            [Q(f"namespace_model:specdec_kv_cache_usage:max{{{M}}}", "{{model}}")],
-           "percentunit", ("kv",), w=6),
+           "percentunit", ("kv",), w=5),
         ts("Requests running and waiting",
            "Requests waiting for a slot (recorded) and running, summed over pods. KV usage hurts only when work "
            "queues behind it.",
            [Q(f"namespace_model:specdec_requests_waiting:sum{{{M}}}", "{{model}} waiting"),
             Q(f"sum by (namespace, model) (specdec_requests_running{{{MP}}})", "{{model}} running")],
-           "short", ("kv",), w=6),
+           "short", ("kv",), w=5),
         ts("Preemptions per second",
            "Requests vLLM preempted because the KV cache ran out (recorded fleet rate). Preempted requests are "
            "recomputed, which costs far more than speculation saves.",
            [Q(f"namespace_model:specdec_preemptions:rate5m{{{M}}}", "{{model}}")],
-           "short", ("preempt",), w=6),
+           "short", ("preempt",), w=5),
+        ts("Generated tokens per second",
+           "Tokens vLLM generated per second per model (recorded fleet rate), with the traffic guard of the "
+           "KV-cache and preemption alerts: below the dashed line a model counts as idle and neither fires.",
+           [Q(f"namespace_model:specdec_generation_tokens:rate5m{{{M}}}", "{{model}}"),
+            Q("specdec:generation_tokens_guard:threshold", "alert guard: idle below this")],
+           "short", ("kv", "preempt"), w=4, styles=[dashed("alert guard: idle below this", "text")]),
         ts("KV cache capacity per pod",
            "KV cache size in tokens per pod (vLLM's cache_config_info). A draft costs KV twice: its weights "
            "shrink the budget and its layers make every token's KV larger; a step down here after a draft "
            "change is that cost.",
            [Q(f"specdec_kv_cache_capacity_tokens{{{MP}}}", "{{pod}} {{model}}")],
-           "short", ("kv",), w=6),
+           "short", ("kv",), w=5),
     ]
 
 
@@ -581,19 +611,42 @@ def health_row() -> list:
             "/metrics succeeded (specdec_upstream_up). While vLLM is unreachable the sidecar's derived series "
             "are absent, not frozen.")
         .datasource(DS)
+        .unit("none")
         .no_value("No sidecar scraped")
-        .span(8)
+        .span(4)
         .height(6)
         .mappings(up_mappings)
         .color_mode(common.BigValueColorMode.BACKGROUND)
         .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
         .graph_mode(common.BigValueGraphMode.NONE)
         .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
-        .links(runbook_links("upstream", "absent")),
+        .links(runbook_links("upstream", "starting", "absent")),
         [Q(f'up{{job="specdec-sidecar", {P}}}', "scrape {{pod}}", instant=True),
          Q(f"specdec_upstream_up{{{P}}}", "vLLM {{pod}}", instant=True)],
     )
+    rules = with_queries(
+        stat.Panel()
+        .title("Recording rules")
+        .description(
+            "Whether this Prometheus evaluates the project's recording rules (the chart's PrometheusRule, or "
+            "alerts/recording-rules.yaml): their constant series specdec:draft_tokens_guard:threshold exists "
+            "exactly when they are loaded. Without them every panel on recorded series stays empty whatever the "
+            "traffic, and no alert can fire.")
+        .datasource(DS)
+        .unit("none")
+        .no_value("NOT LOADED: install the PrometheusRule")
+        .span(4)
+        .height(6)
+        .mappings([dm.ValueMap(options={"1": dm.ValueMappingResult(text="loaded", color="green", index=0)})])
+        .color_mode(common.BigValueColorMode.BACKGROUND)
+        .text_mode(common.BigValueTextMode.VALUE)
+        .graph_mode(common.BigValueGraphMode.NONE)
+        .reduce_options(common_b.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .links(runbook_links("absent")),
+        [Q("count(specdec:draft_tokens_guard:threshold)", instant=True)],
+    )
     return [
+        rules,
         up,
         ts("Sidecar polls of vLLM: errors and restarts",
            "Failed polls per second by reason (connect, timeout, http_status, parse) and vLLM restarts seen "
@@ -630,14 +683,70 @@ def health_row() -> list:
     ]
 
 
+def proxy_row() -> list:
+    """The proxy's own health (RED): the sidecar sits in the request path, so its errors and its added latency
+    are its users'."""
+    guard = "specdec:proxy_requests_guard:threshold"
+    return [
+        ts("Requests through the proxies by status class",
+           "Requests per second through the sidecars' proxies on every path (not only the completions the tap "
+           "observes), by the status class the clients got (4xx includes clients gone before the answer), and "
+           "per pod, with the traffic guard of the proxy alerts.",
+           [Q(f"namespace_status_class:specdec_proxy_requests:rate5m{{{N}}}", "{{namespace}} {{status_class}}"),
+            Q(f"namespace:specdec_proxy_requests:rate5m{{{N}}}", "{{namespace}} all"),
+            Q(f"namespace_pod:specdec_proxy_requests:rate5m{{{P}}}", "{{pod}}"),
+            Q(guard, "alert guard: quiet below this")],
+           "reqps", ("proxy_errors",), w=8, styles=[dashed("alert guard: quiet below this", "text")]),
+        ts("5xx share of proxied requests",
+           "Share of the requests through the proxies answered with a 5xx (vLLM's own and the proxy's 502/504), "
+           "summed over pods; SpecDecodeProxyErrorRatioHigh pages above the dashed line.",
+           [Q(f"namespace:specdec_proxy_requests_5xx:ratio_rate5m{{{N}}}", "{{namespace}}"),
+            Q("specdec:proxy_error_ratio:threshold", "alert above this")],
+           "percentunit", ("proxy_errors",), w=8, soft_max=0.1, styles=[dashed("alert above this", "red")]),
+        ts("The proxy's own failures by reason",
+           "What the proxy answered or did itself, per second: connect_refused and upstream_closed are its 502s, "
+           "connect_timeout its 504s (vLLM not reachable); upstream_reset responses vLLM broke off mid-body; "
+           "buffered_bytes_cap clients that stopped reading, closed at --max-buffered-bytes.",
+           [Q(f"namespace_reason:specdec_proxy_errors:rate5m{{{N}}}", "{{namespace}} {{reason}}")],
+           "reqps", ("proxy_errors", "proxy_unreachable"), w=8),
+        ts("Requests the proxy could not get to vLLM, per pod",
+           "Share of each pod's proxied requests answered with the proxy's own 502/504 (vLLM refused, timed out "
+           "or closed before answering): one pod's vLLM failing in the request path.",
+           [Q(f"namespace_pod:specdec_proxy_upstream_unreachable:ratio_rate5m{{{P}}}", "{{pod}}"),
+            Q("specdec:proxy_error_ratio:threshold", "alert above this")],
+           "percentunit", ("proxy_unreachable",), w=8, soft_max=0.1, styles=[dashed("alert above this", "orange")]),
+        ts("Time spent in the sidecar: P50 and P99",
+           "Per request, the sidecar's own time: request received to request written to vLLM, plus vLLM's first "
+           "response byte to the response head written to the client (vLLM's own time is not in it).",
+           [Q(f"namespace:specdec_proxy_overhead_seconds:p50_rate5m{{{N}}}", "{{namespace}} P50"),
+            Q(f"namespace:specdec_proxy_overhead_seconds:p99_rate5m{{{N}}}", "{{namespace}} P99"),
+            Q("specdec:proxy_overhead_p99_seconds:threshold", "P99 alert above this")],
+           "s", ("proxy_latency",), w=8, styles=[dashed("P99 alert above this", "orange")]),
+        ts("Sidecar container CPU throttling",
+           "Share of the specdec-sidecar container's CPU periods throttled by its CPU limit (cAdvisor's "
+           "container_cpu_cfs_* series, as kube-prometheus-stack scrapes them): a throttled proxy holds every "
+           "request it relays.",
+           [Q(f"namespace_pod:specdec_sidecar_cpu_throttled_periods:ratio_rate5m{{{P}}}", "{{pod}}"),
+            Q("specdec:cpu_throttled_ratio:threshold", "alert above this")],
+           "percentunit", ("throttled", "proxy_latency"), w=8, styles=[dashed("alert above this", "orange")]),
+    ]
+
+
+# Firing SpecDecode alerts drawn on every time series (Prometheus's ALERTS series, one annotation per alert
+# and label set while it fires), filtered like the panels; alerts without a namespace (sidecar health without
+# kube-state-metrics) always show.
+ALERT_ANNOTATIONS = ('ALERTS{alertname=~"SpecDecode.*", alertstate="firing", cluster=~"($cluster)|", '
+                     'namespace=~"($namespace)|"}')
+
+
 def build_overview() -> dash.Dashboard:
     builder = (
         dash.Dashboard("Speculative decoding: is it paying off?")
         .uid("specdec-overview")
         .description(
             "specdec-sidecar: the verdict per model and temperature bucket, acceptance against break-even, "
-            "latency by bucket, KV pressure and sidecar health. Generated by tools/dashboards.py; edit the code, "
-            "not this JSON.")
+            "latency by bucket, KV pressure, the proxy's own health and sidecar health; firing SpecDecode alerts "
+            "are drawn on the time series. Generated by tools/dashboards.py; edit the code, not this JSON.")
         .tags(["specdec", "vllm", "speculative-decoding"])
         .editable()
         .time("now-6h", "now")
@@ -646,13 +755,26 @@ def build_overview() -> dash.Dashboard:
         .tooltip(dm.DashboardCursorSync.CROSSHAIR)
         .link(dash.DashboardLink("Runbooks").type(dm.DashboardLinkType.LINK).url("${runbook_base}")
               .target_blank(True).icon("doc"))
+        .annotation(
+            dash.AnnotationQuery()
+            .name("SpecDecode alerts")
+            .datasource(DS)
+            .enable(True)
+            .icon_color("red")
+            .expr(ALERT_ANNOTATIONS)
+            .step("60s")
+            .title_format("{{alertname}}")
+            .text_format("{{severity}} {{namespace}} {{model}} {{temperature_bucket}} {{pod}}")
+            .tag_keys("alertname,severity,namespace,model")
+            .use_value_for_time(False))
         .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
-        .with_variable(query_var("namespace", "Namespace", "label_values(specdec_build_info, namespace)"))
-        .with_variable(query_var("model", "Model", 'label_values(specdec_verdict{namespace=~"$namespace"}, model)'))
-        .with_variable(query_var("pod", "Pod", 'label_values(specdec_build_info{namespace=~"$namespace"}, pod)'))
+        .with_variable(query_var("cluster", "Cluster", "label_values(specdec_build_info, cluster)"))
+        .with_variable(query_var("namespace", "Namespace", f"label_values(specdec_build_info{{{C}}}, namespace)"))
+        .with_variable(query_var("model", "Model", f"label_values(specdec_verdict{{{N}}}, model)"))
+        .with_variable(query_var("pod", "Pod", f"label_values(specdec_build_info{{{N}}}, pod)"))
         .with_variable(query_var(
             "temperature_bucket", "Temperature bucket",
-            'label_values(specdec_requests_total{namespace=~"$namespace", model=~"$model"}, temperature_bucket)'))
+            f"label_values(specdec_requests_total{{{M}}}, temperature_bucket)"))
         .with_variable(dash.TextBoxVariable("runbook_base").label("Runbook base URL").default_value(RUNBOOK_BASE)
                        .description("Where docs/runbooks.md is served; panel links append #<alert name>."))
     )
@@ -662,6 +784,7 @@ def build_overview() -> dash.Dashboard:
         ("Latency by temperature bucket (streamed requests)", latency_row()),
         ("Against the baseline arm (replicas without speculation, same traffic)", baseline_row()),
         ("KV pressure", kv_row()),
+        ("The proxy's own health (RED)", proxy_row()),
         ("Sidecar and upstream health", health_row()),
     ]
     next_id = 1
@@ -793,16 +916,25 @@ def problems_in(model: dict, defined: tuple[set[str], set[str]], runbook_anchors
     names, prefixes = defined
     problems = []
     variables = {v["name"] for v in model.get("templating", {}).get("list", [])}
-    for needed in ("datasource", "namespace", "model", "pod", "temperature_bucket", "runbook_base"):
+    for needed in ("datasource", "cluster", "namespace", "model", "pod", "temperature_bucket", "runbook_base"):
         if needed not in variables:
             problems.append(f"missing variable {needed}")
     ids = [p.get("id") for p in panels_of(model)]
     if len(ids) != len(set(ids)) or None in ids:
         problems.append(f"panel ids not unique: {ids}")
+    annotations = [a for a in model.get("annotations", {}).get("list", []) if "expr" in a]
+    if not any("ALERTS" in a["expr"] for a in annotations):
+        problems.append("no annotation draws the firing SpecDecode alerts (ALERTS)")
+    for a in annotations:
+        for name in metric_names(a["expr"]):
+            if name not in names:
+                problems.append(f"annotation {a.get('name')}: metric {name} is not defined anywhere")
     for panel in panels_of(model):
         if panel.get("type") == "row":
             continue
         title = panel.get("title", "?")
+        if not panel.get("fieldConfig", {}).get("defaults", {}).get("unit"):
+            problems.append(f"{title}: no unit")
         if panel.get("datasource", {}).get("uid") != "${datasource}":
             problems.append(f"{title}: panel datasource is not the datasource variable")
         links = [link["url"] for link in panel.get("links", [])]

@@ -160,3 +160,42 @@ def test_every_panel_is_documented_and_every_link_reaches_a_runbook_section():
             assert panel["title"] in headings, panel["title"]
             for link in panel["links"]:
                 assert link["url"].split("#")[1] in anchors
+
+
+def test_every_panel_has_a_unit_and_firing_alerts_are_annotations():
+    model = load(DASHBOARD_FILES[0])
+    defined, anchors = gen.defined_metric_names(), gen.runbook_anchors()
+    for panel in non_row_panels(model):
+        assert panel["fieldConfig"]["defaults"]["unit"], panel["title"]
+    [annotation] = [a for a in model["annotations"]["list"] if "expr" in a]
+    assert annotation["expr"].startswith('ALERTS{alertname=~"SpecDecode.*", alertstate="firing"')
+    assert annotation["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    broken = copy.deepcopy(model)
+    first = next(p for p in non_row_panels(broken) if p["type"] == "timeseries")
+    del first["fieldConfig"]["defaults"]["unit"]
+    broken["annotations"]["list"] = []
+    problems = "\n".join(gen.problems_in(broken, defined, anchors))
+    assert f"{first['title']}: no unit" in problems
+    assert "no annotation draws the firing SpecDecode alerts" in problems
+
+
+def test_every_selector_filters_by_cluster_and_rule_panels_say_how_to_get_data():
+    """cluster=~"$cluster" beside every namespace matcher (its All, .*, also matches series without the label);
+    a panel on recorded series names the PrometheusRule when it is empty, one on raw series says No traffic."""
+    model = load(DASHBOARD_FILES[0])
+    variables = {v["name"]: v for v in model["templating"]["list"]}
+    assert variables["cluster"]["allValue"] == ".*" and variables["cluster"]["includeAll"]
+    for name in ("namespace", "model", "pod", "temperature_bucket"):
+        assert 'cluster=~"$cluster"' in variables[name]["query"], name
+    exprs = [t["expr"] for p in non_row_panels(model) for t in p["targets"]]
+    exprs += [a["expr"] for a in model["annotations"]["list"] if "expr" in a]
+    for expr in exprs:
+        if "$namespace" in expr:
+            assert re.search(r'cluster=~"\(?\$cluster', expr), expr
+    for panel in non_row_panels(model):
+        recorded = any(gen.RECORDED.search(t["expr"]) for t in panel["targets"])
+        no_value = panel["fieldConfig"]["defaults"]["noValue"]
+        if recorded:
+            assert "install the PrometheusRule" in no_value, panel["title"]
+        elif panel["title"] != "Sidecars scraped and reading vLLM":
+            assert no_value == gen.NO_TRAFFIC, panel["title"]
