@@ -1,0 +1,73 @@
+"""Live: the baseline arm on real vLLM, against a paired ``measure`` of the same two servers.
+
+Two real vLLM servers (the tiny target with n-gram speculation, k = 4, and without), each on a core of its own
+behind its own sidecar (each detects its arm from vLLM's page); a real Prometheus with the shipped rules,
+copied with 40 s windows, ``for: 2s`` and a per-arm minimum of 15 requests (tools/baseline_proof.py's
+``rules_copy``); a load generator sending greedy and temperature-1.0 echo prompts in turns, each request to
+a random arm, 4 clients per server for 45 s. Then ``measure`` of the same servers (8 requests per cell) and
+the baseline's sidecar stopped. About three minutes, most of it vLLM starting.
+
+Asserted: each arm detected; both arms served the minimum in both buckets and every ratio is recorded;
+greedy requests are faster with speculation (ratio above 1) and sampled ones slower (below 1), as the
+paired ``measure`` says wherever its 95% interval excludes 1; the slow bucket's alert fires and the fast
+one's does not; with the baseline gone every ratio is absent at once and no alert appears.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devstack.alerting_stack import find_binary
+from devstack.vllm_server import vllm_python
+from tools.baseline_proof import Arms, compare, measured, run_measure, start_servers
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(420)]
+
+GREEDY, HOT = "0", "0.7-1.0"
+CLIENTS_PER_SERVER = 4
+
+
+def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_path):
+    if not vllm_python().exists():
+        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
+    if find_binary("prometheus") is None:
+        pytest.fail("prometheus is not installed (make test installs it)")
+    spec, base = start_servers(tmp_path)
+    arms = None
+    try:
+        arms = Arms(spec, base, tmp_path, window="40s", for_="2s", min_requests=15)
+        reading = arms.level(CLIENTS_PER_SERVER, 45, (0.0, 1.0), turn=5, mix="turns", max_tokens=48, seed=1)
+        print("\nlive:", json.dumps(reading["buckets"]), reading["alerts"])
+        for bucket in (GREEDY, HOT):
+            row = reading["buckets"][bucket]
+            assert row["requests_speculative"] >= 15 and row["requests_baseline"] >= 15, row
+            assert all(f"{m}:{q}" in row for m in ("tpot", "ttft") for q in ("p50", "p99")), row
+        greedy, hot = reading["buckets"][GREEDY]["tpot:p50"], reading["buckets"][HOT]["tpot:p50"]
+        assert greedy > 1 > hot, (greedy, hot)
+        # the slow bucket's alert fires, the fast one's does not
+        slower = {a.get("temperature_bucket") for a in reading["alerts"] if a["alertname"] == "SpecDecodeSlowerThanBaseline"}
+        assert HOT in slower and GREEDY not in slower, reading["alerts"]
+
+        rows = compare(reading, measured(run_measure(spec.url, base.url, tmp_path / "measure", "0,1",
+                                                     str(CLIENTS_PER_SERVER), 8, 48)), CLIENTS_PER_SERVER, 0.05)
+        print("against measure:", json.dumps(rows))
+        assert {r["bucket"] for r in rows} == {GREEDY, HOT}
+        for row in rows:  # the same verdict wherever measure's interval excludes 1
+            if row["measure_tpot_verdict"] in ("helps", "hurts"):
+                assert row["same_verdict"], row
+        assert any(row["measure_tpot_verdict"] in ("helps", "hurts") for row in rows), rows
+
+        gone = arms.drop_baseline()
+        print("baseline gone:", json.dumps(gone))
+        assert gone["ratios_left"] == {}, gone
+        assert gone["new_alerts"] == [], gone
+        assert not [a for a in gone["alerts_after"] if a.startswith(("SpecDecodeSlowerThanBaseline",
+                                                                      "SpecDecodeTailRegression"))], gone
+        assert gone["replicas"] == {"speculative": 1.0}
+    finally:
+        if arms is not None:
+            arms.stop()
+        spec.stop()
+        base.stop()
