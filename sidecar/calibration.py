@@ -5,7 +5,7 @@ reads it, so a verdict can judge acceptance by the measured cost of a draft toke
 The format, field by field, is in ``docs/measure.md`` ("calibration.json"). A file looks like::
 
     {
-      "schema": "specdec-calibration/1",
+      "schema": "specdec-calibration/2",
       "models": {
         "tiny-target": {
           "method": "ngram",
@@ -14,7 +14,13 @@ The format, field by field, is in ``docs/measure.md`` ("calibration.json"). A fi
           "measured_at": "2026-11-25T15:22:00Z",
           "levels": [
             {"concurrency": 1, "draft_cost": 0.002, "draft_cost_low": 0.0, "draft_cost_high": 0.041,
-             "break_even": 0.002, "best_k": 3},
+             "break_even": 0.002, "best_k": 3,
+             "by_temperature": [
+               {"temperature": 0, "draft_cost": 0.001, "draft_cost_low": 0.0, "draft_cost_high": 0.03,
+                "break_even": 0.001},
+               {"temperature": 1, "draft_cost": 0.4, "draft_cost_low": 0.2, "draft_cost_high": 0.7,
+                "break_even": 0.4}
+             ]},
             {"concurrency": 4, "draft_cost": 0.087, "draft_cost_low": 0.052, "draft_cost_high": 0.12,
              "break_even": 0.087, "best_k": 1}
           ]
@@ -28,6 +34,12 @@ that does not hold exactly what ``measure`` writes must never turn into a silent
 
 Why the break-even acceptance is ``c`` itself (clamped to 0..1): see the break-even model in
 ``sidecar/decision.py``.
+
+``by_temperature`` (schema 2, optional) holds ``c`` fitted from each measured temperature's cell alone. One
+``c`` per level fits the mix ``measure`` ran; but what speculation costs a pass also depends on sampling (on
+vLLM 0.32's CPU build a sampled request on the speculative server is slower per pass even when nothing is
+drafted), so a temperature bucket is judged by the costs measured at the temperatures it holds, and by the
+level's ``c`` where none was measured. Schema 1 files (no ``by_temperature``) are still read.
 """
 
 from __future__ import annotations
@@ -36,17 +48,20 @@ import bisect
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
 
-SCHEMA = "specdec-calibration/1"
+SCHEMA = "specdec-calibration/2"
+SCHEMAS = ("specdec-calibration/1", SCHEMA)  # what this sidecar reads; it writes SCHEMA
 
 _FILE_KEYS = {"schema", "models"}
 _MODEL_KEYS = {"method", "k", "vllm_version", "measured_at", "levels"}
-_LEVEL_KEYS = {"concurrency", "draft_cost", "draft_cost_low", "draft_cost_high", "break_even", "best_k"}
+_LEVEL_KEYS_1 = {"concurrency", "draft_cost", "draft_cost_low", "draft_cost_high", "break_even", "best_k"}
+_LEVEL_KEYS = _LEVEL_KEYS_1 | {"by_temperature"}
+_TEMPERATURE_KEYS = {"temperature", "draft_cost", "draft_cost_low", "draft_cost_high", "break_even"}
 # break_even is derived from draft_cost; a file whose two disagree by more than rounding was edited or corrupted.
 _BREAK_EVEN_TOLERANCE = 1e-9
 
@@ -62,6 +77,17 @@ def break_even_of(draft_cost: float) -> float:
 
 
 @dataclass(frozen=True, slots=True)
+class TemperatureCost:
+    """c fitted from one measured temperature's cell at one level, with its interval."""
+
+    temperature: float
+    draft_cost: float
+    draft_cost_low: float
+    draft_cost_high: float
+    break_even: float
+
+
+@dataclass(frozen=True, slots=True)
 class Level:
     """One load level: what ``measure`` fitted at one client concurrency (standing in for vLLM's batch size)."""
 
@@ -71,6 +97,16 @@ class Level:
     draft_cost_high: float
     break_even: float  # acceptance rate at which the modelled speed-up is 1: min(1, max(0, c))
     best_k: int  # the draft length with the best modelled speed-up for the measured mix; 0 = speculation off
+    by_temperature: tuple[TemperatureCost, ...] = ()  # sorted by temperature, each once
+
+    def draft_cost_for(self, selects: Callable[[float], bool] | None = None) -> float:
+        """c for the temperatures *selects* picks: the mean of their own costs where this level measured any,
+        the level's c otherwise (and without *selects*)."""
+        if selects is not None:
+            costs = [t.draft_cost for t in self.by_temperature if selects(t.temperature)]
+            if costs:
+                return sum(costs) / len(costs)
+        return self.draft_cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,19 +123,26 @@ class ModelCalibration:
     def __post_init__(self) -> None:
         object.__setattr__(self, "levels", tuple(self.levels))
 
-    def draft_cost_at(self, load: float) -> float:
-        """c at *load* concurrent requests: linear between the calibrated levels, the end levels' c beyond them."""
+    def draft_cost_at(self, load: float, selects: Callable[[float], bool] | None = None) -> float:
+        """c at *load* concurrent requests: linear between the calibrated levels, the end levels' c beyond them.
+        With *selects* (a temperature bucket's test), each level's c for the measured temperatures it picks
+        (``Level.draft_cost_for``)."""
         if math.isnan(load):
             raise ValueError("load must be a number, got NaN")
         levels = self.levels
         if load <= levels[0].concurrency:
-            return levels[0].draft_cost
+            return levels[0].draft_cost_for(selects)
         if load >= levels[-1].concurrency:
-            return levels[-1].draft_cost
+            return levels[-1].draft_cost_for(selects)
         upper = bisect.bisect_right([lv.concurrency for lv in levels], load)
         low, high = levels[upper - 1], levels[upper]
         share = (load - low.concurrency) / (high.concurrency - low.concurrency)
-        return low.draft_cost + share * (high.draft_cost - low.draft_cost)
+        low_cost, high_cost = low.draft_cost_for(selects), high.draft_cost_for(selects)
+        return low_cost + share * (high_cost - low_cost)
+
+    def measured_temperatures(self) -> tuple[float, ...]:
+        """Every temperature some level has a cost of its own for, sorted."""
+        return tuple(sorted({t.temperature for lv in self.levels for t in lv.by_temperature}))
 
     def break_even_at(self, load: float) -> float:
         """The break-even acceptance rate at *load*: the interpolated c, held to 0..1."""
@@ -172,13 +215,12 @@ def _object(where: str, path: str, value: object, allowed: set[str], what: str) 
         raise _fail(where, path, f"must be an object ({what})", value)
     if unknown := sorted(set(value) - allowed):
         name = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise _fail(where, name, f"unknown field (this is {SCHEMA}; expected {', '.join(sorted(allowed))})")
+        raise _fail(where, name, f"unknown field (expected {', '.join(sorted(allowed))})")
     return value
 
 
-def _level(where: str, path: str, data: object, k: int) -> Level:
-    data = _object(where, path, data, _LEVEL_KEYS, "one load level")
-    concurrency = _finite(where, f"{path}.concurrency", data.get("concurrency", ...), 0.0, strict=True)
+def _cost(where: str, path: str, data: dict) -> tuple[float, float, float, float]:
+    """(draft_cost, draft_cost_low, draft_cost_high, break_even), checked against each other."""
     cost = _finite(where, f"{path}.draft_cost", data.get("draft_cost", ...))
     low = _finite(where, f"{path}.draft_cost_low", data.get("draft_cost_low", ...))
     high = _finite(where, f"{path}.draft_cost_high", data.get("draft_cost_high", ...))
@@ -192,8 +234,33 @@ def _level(where: str, path: str, data: object, k: int) -> Level:
     if abs(break_even - break_even_of(cost)) > _BREAK_EVEN_TOLERANCE:
         raise _fail(where, f"{path}.break_even", f"must be draft_cost held to 0..1 ({break_even_of(cost):g})",
                     break_even)
+    return cost, low, high, break_even
+
+
+def _by_temperature(where: str, path: str, value: object) -> tuple[TemperatureCost, ...]:
+    if not isinstance(value, list):
+        raise _fail(where, path, "must be a list of per-temperature costs", value)
+    out: list[TemperatureCost] = []
+    for index, raw in enumerate(value):
+        at = f"{path}[{index}]"
+        data = _object(where, at, raw, _TEMPERATURE_KEYS, "one temperature's cost")
+        temperature = _finite(where, f"{at}.temperature", data.get("temperature", ...))
+        if out and temperature <= out[-1].temperature:
+            raise _fail(where, f"{at}.temperature", f"must be above by_temperature[{index - 1}].temperature "
+                        f"({out[-1].temperature:g}): sorted, each once", temperature)
+        out.append(TemperatureCost(temperature, *_cost(where, at, data)))
+    return tuple(out)
+
+
+def _level(where: str, path: str, data: object, k: int, keys: set[str]) -> Level:
+    data = _object(where, path, data, keys, "one load level")
+    concurrency = _finite(where, f"{path}.concurrency", data.get("concurrency", ...), 0.0, strict=True)
+    cost, low, high, break_even = _cost(where, path, data)
     best_k = _integer(where, f"{path}.best_k", data.get("best_k", ...), 0, k, f"k ({k})")
-    return Level(concurrency, cost, low, high, break_even, best_k)
+    by_temperature = ()
+    if "by_temperature" in data:
+        by_temperature = _by_temperature(where, f"{path}.by_temperature", data["by_temperature"])
+    return Level(concurrency, cost, low, high, break_even, best_k, by_temperature)
 
 
 def _measured_at(where: str, path: str, value: object) -> str:
@@ -210,7 +277,7 @@ def _measured_at(where: str, path: str, value: object) -> str:
     return value
 
 
-def _model(where: str, name: str, data: object) -> ModelCalibration:
+def _model(where: str, name: str, data: object, level_keys: set[str]) -> ModelCalibration:
     path = f"models[{json.dumps(name)}]"
     data = _object(where, path, data, _MODEL_KEYS, "one model's calibration")
     method = data.get("method", ...)
@@ -232,7 +299,7 @@ def _model(where: str, name: str, data: object) -> ModelCalibration:
         raise _fail(where, f"{path}.levels", "must be a list of at least one load level", raw_levels)
     levels: list[Level] = []
     for index, raw in enumerate(raw_levels):
-        level = _level(where, f"{path}.levels[{index}]", raw, k)
+        level = _level(where, f"{path}.levels[{index}]", raw, k, level_keys)
         if levels and level.concurrency <= levels[-1].concurrency:
             raise _fail(where, f"{path}.levels[{index}].concurrency",
                         f"must be above levels[{index - 1}].concurrency ({levels[-1].concurrency:g}): levels are "
@@ -247,8 +314,9 @@ def parse(data: object, where: str = "calibration") -> Calibration:
     schema = data.get("schema", ...)
     if schema is ...:
         raise _fail(where, "schema", f"missing (expected {json.dumps(SCHEMA)})")
-    if schema != SCHEMA:
-        raise _fail(where, "schema", f"must be {json.dumps(SCHEMA)} (this sidecar reads that version only)", schema)
+    if schema not in SCHEMAS:
+        raise _fail(where, "schema", f"must be one of {', '.join(json.dumps(s) for s in SCHEMAS)} (the versions "
+                    "this sidecar reads)", schema)
     models = data.get("models", ...)
     if models is ...:
         raise _fail(where, "models", "missing (an object of calibrations by model name)")
@@ -258,7 +326,7 @@ def parse(data: object, where: str = "calibration") -> Calibration:
     for name, entry in models.items():
         if not isinstance(name, str) or not name.strip():
             raise _fail(where, f"models[{json.dumps(name)}]", "a model name must not be empty")
-        parsed[name] = _model(where, name, entry)
+        parsed[name] = _model(where, name, entry, _LEVEL_KEYS if schema == SCHEMA else _LEVEL_KEYS_1)
     return Calibration(parsed)
 
 
@@ -297,7 +365,11 @@ def to_json(cal: Calibration) -> dict:
                 "levels": [
                     {"concurrency": _number(lv.concurrency), "draft_cost": lv.draft_cost,
                      "draft_cost_low": lv.draft_cost_low, "draft_cost_high": lv.draft_cost_high,
-                     "break_even": lv.break_even, "best_k": lv.best_k}
+                     "break_even": lv.break_even, "best_k": lv.best_k,
+                     **({"by_temperature": [
+                         {"temperature": _number(t.temperature), "draft_cost": t.draft_cost,
+                          "draft_cost_low": t.draft_cost_low, "draft_cost_high": t.draft_cost_high,
+                          "break_even": t.break_even} for t in lv.by_temperature]} if lv.by_temperature else {})}
                     for lv in m.levels
                 ],
             }

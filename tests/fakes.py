@@ -293,18 +293,22 @@ async def feed(session, proxy: str) -> None:
 
 
 def write_calibration(path: Path) -> Path:
-    """A calibration for the tiny target (one load level, c = 0.1), as ``measure`` writes one."""
-    from sidecar.calibration import Calibration, Level, ModelCalibration, dumps
+    """A calibration for the tiny target (one load level, c = 0.1; 0.05 for greedy requests alone), as
+    ``measure`` writes one."""
+    from sidecar.calibration import Calibration, Level, ModelCalibration, TemperatureCost, dumps
 
+    greedy = TemperatureCost(0, 0.05, 0.02, 0.09, 0.05)
     path.write_text(dumps(Calibration({MODEL: ModelCalibration(
-        MODEL, "draft_model", 4, (Level(1, 0.1, 0.05, 0.15, 0.1, 4),), "0.32.0", "2026-12-04T18:00:00Z")})))
+        MODEL, "draft_model", 4, (Level(1, 0.1, 0.05, 0.15, 0.1, 4, (greedy,)),), "0.32.0",
+        "2026-12-04T18:00:00Z")})))
     return path
 
 
 # Families that appear only once the windows, the tap and the calibration all have data.
 DERIVED = ("specdec_bucket_verdict", "specdec_bucket_acceptance_rate", "specdec_bucket_modelled_speedup",
            "specdec_modelled_speedup", "specdec_recommended_schedule_info", "specdec_acceptance_rate",
-           "specdec_position_acceptance_rate", "specdec_upstream_reported_acceptance_rate")
+           "specdec_position_acceptance_rate", "specdec_upstream_reported_acceptance_rate",
+           "specdec_bucket_break_even_acceptance_rate", "specdec_bucket_near_break_even_upper_acceptance_rate")
 
 
 async def fed_sidecar_page(workdir: Path, timeout: float = 30.0) -> str:

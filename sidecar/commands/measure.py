@@ -454,13 +454,14 @@ def render(results: MeasureResults, calibration: ModelCalibration | None = None)
             )
         out.append(model)
         check = Table(title="Model vs measurement per cell (E = output tokens per target pass)", title_justify="left")
-        for column in ("C", "T", "E", "α", "model speed-up", "measured throughput speed-up"):
+        for column in ("C", "T", "E", "α", "model speed-up", "measured throughput speed-up", "c of this cell"):
             check.add_column(column, justify="right")
         for lv in fit.levels:
             for entry in lv.per_temperature:
                 check.add_row(str(lv.concurrency), f"{entry.temperature:g}", f"{entry.tokens_per_pass:.2f}",
                               _pct(entry.alpha), f"{entry.model_speedup:.2f}×",
-                              f"{entry.measured_speedup:.2f}×")
+                              f"{entry.measured_speedup:.2f}×",
+                              "—" if entry.draft_cost is None else f"{entry.draft_cost:.3f}")
         out.append(check)
         if fit.schedule:
             out.append(Text(f"suggested --speculative-config entry: \"{fit.schedule.key}\": "

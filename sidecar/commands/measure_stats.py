@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 from sidecar.buckets import TemperatureBuckets
-from sidecar.calibration import Level, ModelCalibration, break_even_of
+from sidecar.calibration import Level, ModelCalibration, TemperatureCost, break_even_of
 from sidecar.decision import (
     DEFAULT_BREAK_EVEN,
     DEFAULT_NEAR_UPPER,
@@ -304,6 +304,7 @@ class CellFit:
     model_speedup: float
     measured_speedup: float  # the cell's throughput speed-up, what c is fitted to
     pays: bool
+    draft_cost: float | None = None  # c fitted from this cell alone (calibration.json's by_temperature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -389,11 +390,12 @@ def fit_model(rows: Sequence[CellSummary], k: int | None) -> BreakEvenFit | None
         if c is not None:
             predicted = modelled_speedup(accepted, drafted, output - accepted, max(c, 0.0))
             per_temperature = []
-            for r, (e, s, _) in sorted(zip(cells, pairs), key=lambda item: item[0].temperature):
+            for r, (e, s, d) in sorted(zip(cells, pairs), key=lambda item: item[0].temperature):
                 a = alpha_from_mean_acceptance_length(e, k)  # type: ignore[arg-type]
                 modelled = modelled_speedup(r.accepted_tokens, r.draft_tokens, r.output_tokens - r.accepted_tokens,
                                             max(c, 0.0))
-                per_temperature.append(CellFit(r.temperature, e, a, modelled, s, modelled > 1.0))  # type: ignore[arg-type]
+                own = fit_draft_cost([(e, s, d)], k)  # type: ignore[list-item]
+                per_temperature.append(CellFit(r.temperature, e, a, modelled, s, modelled > 1.0, own))  # type: ignore[arg-type]
             level = replace(
                 level,
                 break_even_alpha=break_even_alpha(c, k),
@@ -483,6 +485,12 @@ def draft_cost_interval(
     return sample_quantile(tail, costs), sample_quantile(1.0 - tail, costs)  # type: ignore[return-value]
 
 
+def _held(cost: float, interval: tuple[float, float]) -> tuple[float, float, float, float]:
+    """(c, low, high, break-even) as written: c held at 0 from below, the interval widened to contain it."""
+    held = max(0.0, cost)
+    return held, max(0.0, min(interval[0], cost)), max(0.0, interval[1], cost), break_even_of(held)
+
+
 def calibrate(
     fit: BreakEvenFit,
     cells: Mapping[tuple[str, float, int], Cell],
@@ -498,7 +506,9 @@ def calibrate(
 
     A cost below 0 (the speculative server measured faster than E alone explains) is written as 0: a draft
     token cannot cost less than nothing. The interval is widened to contain the fitted cost when the
-    percentile bootstrap of a small cell leaves it outside, and held at 0 from below like the cost.
+    percentile bootstrap of a small cell leaves it outside, and held at 0 from below like the cost. Each
+    level also carries each temperature's own cost (its cell alone, with its own interval) where one could be
+    fitted: the sidecar judges a temperature bucket by those.
     """
     levels: list[Level] = []
     skipped: list[str] = []
@@ -512,10 +522,14 @@ def calibrate(
         if interval is None:
             skipped.append(f"concurrency {lv.concurrency}: too few requests with a TPOT for an interval")
             continue
-        cost = max(0.0, lv.draft_cost)
-        low, high = max(0.0, min(interval[0], lv.draft_cost)), max(0.0, interval[1], lv.draft_cost)
-        levels.append(Level(float(lv.concurrency), cost, low, high, break_even_of(cost),
-                            lv.suggested_num_speculative_tokens))
+        by_temperature = []
+        for j, (entry, pair) in enumerate(zip(lv.per_temperature, pairs, strict=True)):
+            own = draft_cost_interval([pair], fit.k, resamples, seed + 104729 * index + 7919 * (j + 1))
+            if entry.draft_cost is not None and own is not None:
+                by_temperature.append(TemperatureCost(entry.temperature, *_held(entry.draft_cost, own)))
+        cost, low, high, break_even = _held(lv.draft_cost, interval)
+        levels.append(Level(float(lv.concurrency), cost, low, high, break_even,
+                            lv.suggested_num_speculative_tokens, tuple(by_temperature)))
     if not levels:
         return None, skipped
     return ModelCalibration(model, method, fit.k, tuple(levels), vllm_version, measured_at), skipped

@@ -6,6 +6,9 @@ Per model the thresholds are the calibration's at the model's current load (vLLM
 interpolated between the calibrated levels, clamped at the ends) when the calibration names the model, and
 the configured ``--break-even`` / ``--near-break-even-upper`` otherwise (``source="default"``). While vLLM is
 unreachable the load last seen is used, so the tap's verdicts keep their thresholds.
+
+A temperature bucket is judged by its model's thresholds, except where the calibration holds costs of its own
+for temperatures in that bucket (``by_temperature``): then by those, at the same load (``bucket_thresholds``).
 """
 
 from __future__ import annotations
@@ -105,6 +108,8 @@ class Assessment:
     calibration: Mapping[str, CalibrationUse] = field(default_factory=lambda: MappingProxyType({}))
     load: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     schedules: Mapping[str, ScheduleAdvice] = field(default_factory=lambda: MappingProxyType({}))
+    # buckets judged by the calibration's own costs for their temperatures (the others use their model's)
+    bucket_thresholds: Mapping[BucketKey, Thresholds] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _model_counts(
@@ -133,6 +138,23 @@ def model_thresholds(
         return default_thresholds(settings.break_even, settings.near_break_even_upper, settings.band)
     d = drafts_per_step if drafts_per_step else float(calibration.k)
     return calibrated_thresholds(calibration.draft_cost_at(load or 0.0), d, settings.band)
+
+
+def bucket_thresholds(
+    calibration: ModelCalibration | None, bucket: str, load: float | None, counts: BucketCounts, settings: Settings
+) -> Thresholds | None:
+    """A bucket's thresholds from the calibration's costs for the temperatures it holds, at *load*; ``None``
+    where the calibration measured no temperature in this bucket (the model's thresholds then apply)."""
+    if calibration is None:
+        return None
+    buckets = settings.temperature_buckets
+    measured = [t for t in calibration.measured_temperatures() if buckets.bucket(t) == bucket]
+    if not measured:
+        return None
+    passes = counts.passes or counts.steps
+    d = counts.drafted / passes if counts.drafted and passes else float(calibration.k)
+    cost = calibration.draft_cost_at(load or 0.0, lambda t: buckets.bucket(t) == bucket)
+    return calibrated_thresholds(cost, d, settings.band)
 
 
 def assess(
@@ -169,12 +191,18 @@ def assess(
             advice = live_schedule(cal, health.load_profile.get(model, {}), settings.min_drafts)
             if advice is not None:
                 schedules[model] = advice
-    buckets = {
-        key: judge(c.accepted, c.drafted, c.steps, settings.min_drafts, thresholds[key[0]], c.passes)
-        for key, c in bucket_counts.items()
-        if key in judged
-    }
+    buckets: dict[BucketKey, Judgement] = {}
+    own: dict[BucketKey, Thresholds] = {}
+    for key, c in bucket_counts.items():
+        if key not in judged:
+            continue
+        model = key[0]
+        cal = calibration.models.get(model) if calibration is not None else None
+        t = bucket_thresholds(cal, key[1], upstream.load.get(model), c, settings)
+        if t is not None:
+            own[key] = t
+        buckets[key] = judge(c.accepted, c.drafted, c.steps, settings.min_drafts, t or thresholds[model], c.passes)
     return Assessment(
         MappingProxyType(judgements), MappingProxyType(buckets), MappingProxyType(thresholds),
-        MappingProxyType(uses), MappingProxyType(loads), MappingProxyType(schedules),
+        MappingProxyType(uses), MappingProxyType(loads), MappingProxyType(schedules), MappingProxyType(own),
     )  # fmt: skip

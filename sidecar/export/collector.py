@@ -24,6 +24,7 @@ Example output::
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING
 
@@ -169,13 +170,30 @@ class HealthCollector(Collector):
         )
         for model, advice in sorted(assessment.schedules.items()):
             schedule.add_metric([model, advice.json], 1.0)
+        bucket_break_even = GaugeMetricFamily(
+            "specdec_bucket_break_even_acceptance_rate",
+            "Calibrated models, per temperature bucket whose temperatures the calibration measured a draft cost of "
+            "their own for: the break-even acceptance at the current load from those costs (sampling can cost the "
+            "speculative server more per pass than greedy decoding). Other buckets use the model's.",
+            labels=["model", "temperature_bucket"],
+        )
+        bucket_upper = GaugeMetricFamily(
+            "specdec_bucket_near_break_even_upper_acceptance_rate",
+            f"The same buckets: the acceptance rate where the bucket's modelled speed-up reaches 1 + {s.band:g}.",
+            labels=["model", "temperature_bucket"],
+        )
         for model, t in sorted(assessment.thresholds.items()):
             break_even.add_metric([model], t.break_even)
             upper.add_metric([model], t.near_upper)
             use = assessment.calibration[model]
             info.add_metric([model, use.source, use.method, use.k, use.measured_at], 1.0)
+        for (model, bucket), t in sorted(assessment.bucket_thresholds.items()):
+            bucket_break_even.add_metric([model, bucket], t.break_even)
+            bucket_upper.add_metric([model, bucket], t.near_upper)
         yield break_even
         yield upper
+        yield bucket_break_even
+        yield bucket_upper
         yield info
         yield schedule
 
@@ -191,14 +209,16 @@ class HealthCollector(Collector):
         verdict = GaugeMetricFamily(
             "specdec_bucket_verdict",
             f"Verdict per model and temperature bucket over the {format_duration(s.verdict_window)} window "
-            "(StateSet: 1 for the current state), judged as specdec_verdict with the model's thresholds.",
+            "(StateSet: 1 for the current state), judged as specdec_verdict with the model's thresholds (with the "
+            "bucket's own where specdec_bucket_break_even_acceptance_rate exists).",
             labels=["model", "temperature_bucket", "verdict"],
         )
         speedup = GaugeMetricFamily(
             "specdec_bucket_modelled_speedup",
             f"Modelled speed-up L / (1 + c*d) per model and temperature bucket over the "
             f"{format_duration(s.verdict_window)} window (calibrated models only): L the mean acceptance length, "
-            "d the draft tokens per verify step, c the calibrated draft cost at the current load.",
+            "d the draft tokens per verify step, c the calibrated draft cost at the current load (the bucket's "
+            "temperatures' own where the calibration measured them).",
             labels=["model", "temperature_bucket"],
         )
         # Over the verdict window only: 8 series per model instead of 8 per window (docs/scaling.md); any other
@@ -232,12 +252,15 @@ class HealthCollector(Collector):
             coverage.add_metric([format_duration(window)], span)
         yield coverage
 
+        # Per engine only where a model runs on several (data-parallel ranks): with one engine every
+        # specdec_engine_* series would repeat its model's exactly (38 series of the budget, docs/scaling.md).
+        engines_of = Counter(model for model, _ in health.engines)
         groups: list[tuple[str, list[str], list[tuple[list[str], GroupHealth]]]] = [
             ("specdec_", ["model"], [([m], g) for m, g in sorted(health.models.items())]),
             (
                 "specdec_engine_",
                 ["model", "engine"],
-                [([m, e], g) for (m, e), g in sorted(health.engines.items())],
+                [([m, e], g) for (m, e), g in sorted(health.engines.items()) if engines_of[m] > 1],
             ),
         ]
         for prefix, labels, items in groups:

@@ -332,6 +332,10 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
         assert level.draft_cost_low <= level.draft_cost <= level.draft_cost_high
         assert level.break_even == min(1.0, level.draft_cost)
         assert level.best_k == fit["suggested_num_speculative_tokens"]
+        own = {e["temperature"]: e["draft_cost"] for e in fit["per_temperature"] if e["draft_cost"] is not None}
+        assert {t.temperature: t.draft_cost for t in level.by_temperature} == pytest.approx(
+            {t: max(0.0, c) for t, c in own.items()})
+    assert any(level.by_temperature for level in calibration.levels)
 
 
 async def test_without_a_baseline_no_calibration_and_without_matplotlib_the_results_still(tmp_path):
@@ -383,15 +387,18 @@ async def test_a_server_that_lists_no_model_cannot_be_measured(tmp_path, capsys)
 
 # --- the draft cost's interval and calibration.json ------------------------------------------------------
 
-def _paired_cells(c: float, k: int = 4, n: int = 30, seed: int = 1, concurrency: int = 1) -> dict:
-    """Paired cells at two temperatures whose TPOTs and request times follow the model for draft cost c, with
-    +-10% noise."""
+def _paired_cells(c: float | dict[float, float], k: int = 4, n: int = 30, seed: int = 1,
+                  concurrency: int = 1) -> dict:
+    """Paired cells at two temperatures whose TPOTs and request times follow the model for draft cost c (one
+    for both, or one per temperature), with +-10% noise."""
     import random
 
     rng = random.Random(seed)
     cells = {}
+    costs = c if isinstance(c, dict) else {0.0: c, 1.0: c}
     for temperature, alpha in ((0.0, 0.8), (1.0, 0.1)):
         e = expected_tokens_per_step(alpha, k)
+        c = costs[temperature]
         spec, base = [], []
         for i in range(n):
             base_tpot = 0.02 * (1 + rng.uniform(-0.1, 0.1))
@@ -447,6 +454,23 @@ def test_calibrate_holds_the_fit_and_clamps_a_negative_cost_to_zero():
     level = calibration.levels[0]
     assert level.draft_cost == 0.0 == level.draft_cost_low == level.break_even and level.draft_cost_high >= 0.0
     assert math.isfinite(level.draft_cost_high)
+
+
+def test_calibrate_keeps_each_temperatures_own_cost():
+    """Sampling costs the speculative server more per pass than greedy decoding (seen on vLLM 0.32's CPU build):
+    one c per level fits the mix, and each temperature's own c, with its interval, goes beside it."""
+    cells = _paired_cells({0.0: 0.1, 1.0: 0.6}, n=60)
+    fit = _fit(cells)
+    calibration, skipped = calibrate(fit, cells, model="m", method="ngram", vllm_version=None,
+                                     measured_at="2026-11-25T15:22:00Z", resamples=200, seed=0)
+    [level] = calibration.levels
+    assert skipped == [] and [t.temperature for t in level.by_temperature] == [0.0, 1.0]
+    greedy, hot = level.by_temperature
+    assert greedy.draft_cost == pytest.approx(0.1, abs=0.03) and hot.draft_cost == pytest.approx(0.6, abs=0.1)
+    for own in (greedy, hot):
+        assert own.draft_cost_low <= own.draft_cost <= own.draft_cost_high and own.break_even == own.draft_cost
+    assert greedy.draft_cost < level.draft_cost < hot.draft_cost
+    assert [e.draft_cost for e in fit.levels[0].per_temperature] == pytest.approx([greedy.draft_cost, hot.draft_cost])
 
 
 @pytest.mark.parametrize(

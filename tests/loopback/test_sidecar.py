@@ -42,9 +42,34 @@ async def sidecar(aiohttp_client, fake_vllm: FakeVllm):
     return client
 
 
+def two_engines(text: str) -> str:
+    """A data-parallel server's page: every engine-0 sample again as engine 1 (same values)."""
+    out = []
+    for line in text.splitlines():
+        out.append(line)
+        if 'engine="0"' in line and not line.startswith("#"):
+            out.append(line.replace('engine="0"', 'engine="1"'))
+    return "\n".join(out) + "\n"
+
+
 async def scrape_count(client, n: int) -> None:
     start = client.monitor.state.scrapes
     await wait_for(lambda: client.monitor.state.scrapes >= start + n, what=f"{n} more polls")
+
+
+async def test_per_engine_series_where_a_model_runs_on_several_engines(sidecar, fake_vllm):
+    fake_vllm.text = two_engines(fixture_text(SERIES[0]))
+    await scrape_count(sidecar, 2)
+    fake_vllm.text = two_engines(fixture_text(SERIES[3]))
+    await scrape_count(sidecar, 2)
+    a, b = counters(SERIES[0]), counters(SERIES[3])
+    get = sidecar.registry.get_sample_value
+    expected = (b["accepted"] - a["accepted"]) / (b["draft_tokens"] - a["draft_tokens"])
+    labels = {"model": "tiny-target", "window": "10m"}
+    assert get("specdec_acceptance_rate", labels) == pytest.approx(expected)  # summed over both: same ratio
+    for engine in ("0", "1"):
+        assert get("specdec_engine_acceptance_rate", {**labels, "engine": engine}) == pytest.approx(expected)
+        assert get("specdec_engine_kv_cache_capacity_tokens", {"model": "tiny-target", "engine": engine}) > 0
 
 
 async def test_windowed_acceptance_equals_vllm_counter_deltas(sidecar, fake_vllm):
@@ -68,9 +93,10 @@ async def test_windowed_acceptance_equals_vllm_counter_deltas(sidecar, fake_vllm
     assert get("specdec_accepted_token_ratio", labels) == pytest.approx(
         (b["accepted"] - a["accepted"]) / (b["generated"] - a["generated"])
     )
-    assert get("specdec_engine_acceptance_rate", {**labels, "engine": "0"}) == pytest.approx(expected)
+    # one engine: its specdec_engine_* series would repeat the model's, so there are none
+    assert get("specdec_engine_acceptance_rate", {**labels, "engine": "0"}) is None
     assert get("specdec_upstream_up") == 1.0
-    assert get("specdec_engine_kv_cache_capacity_tokens", {"model": "tiny-target", "engine": "0"}) > 0
+    assert get("specdec_kv_cache_capacity_tokens", {"model": "tiny-target"}) > 0
     verdicts = {
         v: get("specdec_verdict", {"model": "tiny-target", "verdict": v})
         for v in ("use", "near_break_even", "disable", "insufficient_data")

@@ -40,6 +40,8 @@ GOOD = {
     },
 }
 MODEL = 'models["tiny-target"]'
+TEMP_0 = {"temperature": 0, "draft_cost": 0.01, "draft_cost_low": 0.0, "draft_cost_high": 0.03, "break_even": 0.01}
+TEMP_1 = {"temperature": 1, "draft_cost": 2.5, "draft_cost_low": 1.5, "draft_cost_high": 4.0, "break_even": 1.0}
 
 
 def edited(path: str, value: object = None, delete: bool = False) -> dict:
@@ -78,10 +80,10 @@ def test_good_file_parses_to_the_typed_form():
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (edited("schema", "specdec-calibration/2"),
-         'calibration: schema: must be "specdec-calibration/1" (this sidecar reads that version only), '
-         'got "specdec-calibration/2"'),
-        (edited("schema", delete=True), 'calibration: schema: missing (expected "specdec-calibration/1")'),
+        (edited("schema", "specdec-calibration/3"),
+         'calibration: schema: must be one of "specdec-calibration/1", "specdec-calibration/2" (the versions this '
+         'sidecar reads), got "specdec-calibration/3"'),
+        (edited("schema", delete=True), 'calibration: schema: missing (expected "specdec-calibration/2")'),
         (edited("models", delete=True), "calibration: models: missing"),
         (edited("models", {}), "calibration: models: must be an object naming at least one model, got an object"),
         (edited("models.tiny-target.levels", delete=True), f"calibration: {MODEL}.levels: missing"),
@@ -124,6 +126,22 @@ def test_good_file_parses_to_the_typed_form():
         (edited("models.tiny-target.vllm_version", delete=True), f"calibration: {MODEL}.vllm_version: missing"),
         (edited("models.tiny-target.levels.0.draft_cots", 0.1),
          f"calibration: {MODEL}.levels[0].draft_cots: unknown field"),
+        (edited("models.tiny-target.levels.0.by_temperature", {"0": 0.1}),
+         f"calibration: {MODEL}.levels[0].by_temperature: must be a list of per-temperature costs"),
+        (edited("models.tiny-target.levels.0.by_temperature", [dict(TEMP_0, temperature=-1)]),
+         f"calibration: {MODEL}.levels[0].by_temperature[0].temperature: must be a finite number >= 0, got -1"),
+        (edited("models.tiny-target.levels.0.by_temperature", [TEMP_0, TEMP_0]),
+         f"calibration: {MODEL}.levels[0].by_temperature[1].temperature: must be above "
+         "by_temperature[0].temperature (0): sorted, each once"),
+        (edited("models.tiny-target.levels.0.by_temperature", [dict(TEMP_0, draft_cost=float("nan"))]),
+         f"calibration: {MODEL}.levels[0].by_temperature[0].draft_cost: must be a finite number >= 0, got NaN"),
+        (edited("models.tiny-target.levels.0.by_temperature", [dict(TEMP_0, break_even=0.9)]),
+         f"calibration: {MODEL}.levels[0].by_temperature[0].break_even: must be draft_cost held to 0..1"),
+        (edited("models.tiny-target.levels.0.by_temperature", [dict(TEMP_0, cost=1)]),
+         f"calibration: {MODEL}.levels[0].by_temperature[0].cost: unknown field"),
+        # a schema 1 file has no per-temperature costs: one that carries them was not written by measure
+        (dict(edited("models.tiny-target.levels.0.by_temperature", [TEMP_0]), schema="specdec-calibration/1"),
+         f"calibration: {MODEL}.levels[0].by_temperature: unknown field"),
         (edited("models.tiny-target.levels.0", "fast"),
          f'calibration: {MODEL}.levels[0]: must be an object (one load level), got "fast"'),
         ([GOOD], "calibration: must be an object"),
@@ -197,3 +215,28 @@ def test_calibration_is_immutable():
         cal.models["other"] = cal.models["tiny-target"]  # type: ignore[index]
     with pytest.raises(AttributeError):
         cal.models["tiny-target"].k = 2  # type: ignore[misc]
+
+
+def test_schema_1_files_still_read():
+    old = parse(dict(GOOD, schema="specdec-calibration/1")).models["tiny-target"]
+    assert old == parse(GOOD).models["tiny-target"] and all(not lv.by_temperature for lv in old.levels)
+
+
+def test_a_bucket_is_judged_by_the_costs_of_the_temperatures_it_holds():
+    """Per-temperature costs, where a level has them, for the temperatures a bucket's test picks (their mean);
+    the level's c for a bucket with none measured, for a level without any, and without a test."""
+    data = edited("models.tiny-target.levels.0.by_temperature", [TEMP_0, TEMP_1])
+    data["models"]["tiny-target"]["levels"][1]["by_temperature"] = [dict(TEMP_0, draft_cost=0.05, draft_cost_high=0.08,
+                                                                             break_even=0.05)]
+    m = parse(data).models["tiny-target"]
+    greedy, hot, mid = (lambda t: t == 0), (lambda t: 0.7 < t <= 1.0), (lambda t: 0.3 < t <= 0.5)
+    assert m.measured_temperatures() == (0.0, 1.0)
+    assert m.draft_cost_at(1, greedy) == pytest.approx(0.01) and m.draft_cost_at(1, hot) == pytest.approx(2.5)
+    assert m.draft_cost_at(1, mid) == m.draft_cost_at(1) == pytest.approx(0.02)
+    assert m.draft_cost_at(4, greedy) == pytest.approx(0.05)
+    assert m.draft_cost_at(4, hot) == pytest.approx(0.1)  # level 4 measured no hot temperature: its own c
+    assert m.draft_cost_at(2.5, greedy) == pytest.approx(0.01 + 0.5 * (0.05 - 0.01))
+    assert m.draft_cost_at(2.5, hot) == pytest.approx(2.5 + 0.5 * (0.1 - 2.5))
+    both = m.levels[0].draft_cost_for(lambda t: t in (0, 1))
+    assert both == pytest.approx((0.01 + 2.5) / 2)
+    assert parse(json.loads(dumps(Calibration({"tiny-target": m})))).models["tiny-target"] == m
