@@ -12,7 +12,8 @@ Per-request acceptance, in order of preference:
   undercounts by up to k when ``max_tokens`` cut the last step short (vLLM counts those drafts as
   accepted, the stream drops the tokens), and a step whose text detokenises to nothing sends no chunk
   (overcounts by one step's worth). Drafted tokens are unknown there (k is not in the stream), so this
-  source feeds the accepted-token counter and mean acceptance length, not the acceptance rate;
+  source feeds the accepted-token counter and mean acceptance length, not the acceptance rate. Where vLLM
+  does not draft at all (a baseline replica, ``--speculative``), ``tap/metrics.py`` drops the estimate;
 * otherwise the request is unattributed, by reason.
 """
 
