@@ -56,10 +56,12 @@ def measure(spec: str, baseline: str, out: Path, prompts: str, temperatures: str
     return json.loads((out / "results.json").read_text())
 
 
-def sidecar(upstream: str, metrics_port: int, proxy_port: int, calibration: Path | None, log: Path) -> subprocess.Popen:
+def sidecar(upstream: str, metrics_port: int, proxy_port: int, calibration: Path | None, log: Path,
+            windows: str = "1m,2m") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "sidecar", "serve", "--upstream", upstream, "--metrics-host", "127.0.0.1",
            "--metrics-port", str(metrics_port), "--proxy-host", "127.0.0.1", "--proxy-port", str(proxy_port),
-           "--scrape-interval", "2s", "--windows", "1m,2m", "--verdict-window", "2m", "--min-drafts", "100",
+           "--scrape-interval", "2s", "--windows", windows, "--verdict-window", windows.split(",")[-1],
+           "--min-drafts", "100",
            "--models", MODEL, "--log-format", "json"]
     if calibration is not None:
         cmd += ["--calibration", str(calibration)]
@@ -79,8 +81,12 @@ def wait_ready(port: int, timeout: float = 60.0) -> None:
     raise RuntimeError(f"sidecar on :{port} not ready")
 
 
-def workload(base: str, temperature: float, prompts: str, clients: int, seconds: float) -> tuple[int, int]:
+def workload(base: str, temperature: float | list[float], prompts: str, clients: int,
+             seconds: float) -> tuple[int, int]:
+    """*clients* closed-loop clients for *seconds*; with several temperatures, each request takes the next one
+    (as ``measure`` spreads its temperatures over the same prompts)."""
     chosen = builtin(prompts)
+    temperatures = temperature if isinstance(temperature, list) else [temperature]
     stop = time.monotonic() + seconds
     done = [0, 0]  # answered, failed
     lock = threading.Lock()
@@ -89,7 +95,8 @@ def workload(base: str, temperature: float, prompts: str, clients: int, seconds:
         n = i
         while time.monotonic() < stop:
             prompt = chosen[n % len(chosen)]
-            body = {"model": MODEL, **prompt.body(), "max_tokens": MAX_TOKENS[0], "temperature": temperature}
+            body = {"model": MODEL, **prompt.body(), "max_tokens": MAX_TOKENS[0],
+                    "temperature": temperatures[(n // len(chosen)) % len(temperatures)]}
             req = urllib.request.Request(base + prompt.path, data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
             try:
@@ -141,6 +148,36 @@ def read_page(port: int) -> dict:
     return out
 
 
+def schedule_check(spec: str, calibration: Path, args: argparse.Namespace, processes: list) -> dict:
+    """The calibration's workload live, level by level, through a sidecar that loads the calibration: the k
+    schedule it recommends from the live acceptance at each load beside the one measure derived offline."""
+    from sidecar.calibration import load as load_calibration
+    from sidecar.decision import speculation_schedule
+
+    model_cal = load_calibration(calibration).models[MODEL]
+    offline = speculation_schedule([(level.concurrency, level.best_k) for level in model_cal.levels])
+    metrics, proxy = free_port(), free_port()
+    # windows long enough that every level's traffic is still in the longest one when the last level ends
+    minutes = max(2, int(len(model_cal.levels) * args.schedule_check / 60) + 2)
+    processes.append(sidecar(spec, metrics, proxy, calibration, args.out / "sidecar-schedule.log",
+                             windows=f"1m,{minutes}m"))
+    wait_ready(metrics)
+    temperatures = [float(t) for t in args.calibrate_temperatures.split(",")]
+    levels = []
+    for level in model_cal.levels:
+        answered = 0
+        for temperature in temperatures:  # one temperature at a time, as measure's cells
+            answered += workload(f"http://127.0.0.1:{proxy}", temperature, args.calibrate_prompts,
+                                 int(level.concurrency), args.schedule_check / len(temperatures))[0]
+        levels.append({"concurrency": level.concurrency, "answered": answered,
+                       "draft_cost": level.draft_cost, "measure_best_k": level.best_k})
+    time.sleep(5)  # two more polls, so the last interval is in the profile
+    page = read_page(metrics)
+    live = json.loads(page["schedule"]) if page.get("schedule") else None
+    return {"measure_schedule": offline, "live_schedule": live, "agree": live == offline, "levels": levels,
+            "page": page}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("calibrated-run"))
@@ -157,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--calibrate-only", action="store_true",
                         help="stop after step 2 (e.g. to record a calibration for the demo's server)")
+    parser.add_argument("--calibration", type=Path,
+                        help="use this calibration.json (written by measure for the same server) instead of step 2")
+    parser.add_argument("--schedule-check", type=float, default=0.0, metavar="SECONDS",
+                        help="instead of steps 3-5: replay the calibration workload live through a calibrated "
+                             "sidecar at each calibrated concurrency (SECONDS per level, the temperatures in turn, "
+                             "as measure runs them) and compare the sidecar's live k schedule with measure's")
     args = parser.parse_args(argv)
     MAX_TOKENS[0] = args.max_tokens
     args.out.mkdir(parents=True, exist_ok=True)
@@ -169,12 +212,18 @@ def main(argv: list[str] | None = None) -> int:
         spec.start()
         base.start()
         print(f"vLLM up: spec {spec.url}, baseline {base.url}", flush=True)
-        calibrate = measure(spec.url, base.url, args.out / "calibrate", args.calibrate_prompts,
-                            args.calibrate_temperatures, args.calibrate_concurrency, args.calibrate_requests)
-        calibration = args.out / "calibrate" / "calibration.json"
+        if args.calibration is None:
+            calibrate = measure(spec.url, base.url, args.out / "calibrate", args.calibrate_prompts,
+                                args.calibrate_temperatures, args.calibrate_concurrency, args.calibrate_requests)
+            calibration = args.out / "calibrate" / "calibration.json"
+            summary["calibrate_schedule"] = (calibrate.get("break_even_fit") or {}).get("schedule")
+        else:
+            calibration = args.calibration
         summary["calibration"] = json.loads(calibration.read_text())
-        summary["calibrate_schedule"] = (calibrate.get("break_even_fit") or {}).get("schedule")
         if args.calibrate_only:
+            return 0
+        if args.schedule_check:
+            summary["schedule_check"] = schedule_check(spec.url, calibration, args, processes)
             return 0
 
         a_metrics, a_proxy, b_metrics, b_proxy = (free_port() for _ in range(4))

@@ -156,6 +156,8 @@ def render_page(view: View, settings: Settings, runbook_base: str = RUNBOOK_BASE
                "<th>TPOT P50</th><th>TPOT P99</th></tr></thead><tbody>")
     for r in view.buckets:
         source, break_even = sources.get(r.model, ("measure" if r.modelled_speedup is not None else "default", None))
+        if r.break_even is not None:  # the bucket's own, from the costs measured at its temperatures
+            break_even = r.break_even
         out.append(
             f'<tr data-model="{esc(r.model)}" data-bucket="{esc(r.bucket)}" data-verdict="{esc(r.verdict)}">'
             f'<td class="l">{esc(r.model)}</td><td class="l">{esc(r.bucket)}</td>'

@@ -79,6 +79,7 @@ class Row:
     tpot_p99: float | None = None
     verdict: str = Verdict.INSUFFICIENT_DATA.value
     modelled_speedup: float | None = None
+    break_even: float | None = None  # the bucket's own (calibrated temperatures); None: its model's applies
 
 
 @dataclass
@@ -106,7 +107,7 @@ class View:
 
 
 def bucket_row(model: str, bucket: str, counts: BucketCounts, min_drafts: float, verdict: str,
-               modelled_speedup: float | None = None) -> Row:
+               modelled_speedup: float | None = None, break_even: float | None = None) -> Row:
     """One bucket's row from its totals over the view's window."""
 
     def q(counts_of: tuple[float, ...], edges: tuple[float, ...], value: float) -> float | None:
@@ -127,6 +128,7 @@ def bucket_row(model: str, bucket: str, counts: BucketCounts, min_drafts: float,
         tpot_p99=q(counts.tpot, TPOT_BUCKETS, 0.99),
         verdict=verdict,
         modelled_speedup=modelled_speedup,
+        break_even=break_even,
     )
 
 
@@ -165,7 +167,9 @@ def view_from_snapshots(
     for key, c in counts.items():
         judgement: Judgement | None = assessment.buckets.get(key)
         verdict = (judgement.verdict if judgement else Verdict.INSUFFICIENT_DATA).value
-        rows[key] = bucket_row(*key, c, settings.min_drafts, verdict, judgement.modelled_speedup if judgement else None)
+        own = assessment.bucket_thresholds.get(key)
+        rows[key] = bucket_row(*key, c, settings.min_drafts, verdict, judgement.modelled_speedup if judgement else None,
+                               own.break_even if own else None)
     view.buckets = _sorted_rows(rows)
     return view
 
@@ -301,16 +305,19 @@ def build_view(now: list[Sample], base: list[Sample] | None, span: float, min_dr
 
     verdicts: dict[BucketKey, str] = {}
     speedups: dict[BucketKey, float] = {}
+    break_evens: dict[BucketKey, float] = {}
     for (name, labels), value in current.items():
         lab = dict(labels)
         if name == "specdec_bucket_verdict" and value == 1.0:
             verdicts[(lab["model"], lab["temperature_bucket"])] = lab["verdict"]
         elif name == "specdec_bucket_modelled_speedup":
             speedups[(lab["model"], lab["temperature_bucket"])] = value
+        elif name == "specdec_bucket_break_even_acceptance_rate":
+            break_evens[(lab["model"], lab["temperature_bucket"])] = value
     counts = counts_from_samples(counters)
     rows = {
         key: bucket_row(*key, counts.get(key, BucketCounts()), min_drafts,
-                        verdicts.get(key, Verdict.INSUFFICIENT_DATA.value), speedups.get(key))
+                        verdicts.get(key, Verdict.INSUFFICIENT_DATA.value), speedups.get(key), break_evens.get(key))
         for key in set(counts) | set(verdicts)
     }
     view.buckets = _sorted_rows(rows)
@@ -354,8 +361,9 @@ def calibration_notes(view: View) -> list[str]:
             continue
         model = calibrated[row.model]
         where = row.model if isinstance(row, ModelRow) else f"{row.model} {row.bucket}"
+        break_even = row.break_even if row.break_even is not None else model.break_even
         notes.append(
-            f"{where}: {row.verdict} by calibration (break-even {percent(model.break_even)} at "
+            f"{where}: {row.verdict} by calibration (break-even {percent(break_even)} at "
             f"{number(model.running, '{:.0f}')} running, modelled {speedup(row.modelled_speedup)}) where the fixed "
             f"{percent(DEFAULT_BREAK_EVEN)} rule says {plain.value} at {percent(row.acceptance)} acceptance"
         )

@@ -5,7 +5,7 @@ from types import MappingProxyType
 
 import pytest
 
-from sidecar.calibration import Calibration, Level, ModelCalibration
+from sidecar.calibration import Calibration, Level, ModelCalibration, TemperatureCost
 from sidecar.config import build_settings
 from sidecar.decision import (
     Verdict,
@@ -131,6 +131,32 @@ def test_buckets_use_their_models_thresholds_and_their_own_drafts_per_step():
     # a model the calibration does not name keeps the defaults: 0.6 is near break-even
     assert result.buckets[("other", "0")].verdict is Verdict.NEAR_BREAK_EVEN
     assert result.thresholds["other"].source == "default"
+
+
+def test_a_bucket_with_measured_temperatures_is_judged_by_their_own_costs():
+    """The model's c (0.4, the mix measure ran) would call greedy traffic accepting 35% a loss; greedy requests
+    alone cost 0.1 per draft token, so they pay. Sampled ones cost 0.9: 60% acceptance does not pay there. A
+    bucket without a measured temperature keeps the model's c."""
+    temps = (TemperatureCost(0, 0.1, 0.05, 0.15, 0.1), TemperatureCost(1, 0.9, 0.7, 1.2, 0.9))
+    cal = calibration(levels=(Level(1, 0.4, 0.3, 0.5, 0.4, 2, temps),))
+    tap = TapHealth(MappingProxyType({WINDOW: MappingProxyType({
+        ("m", "0"): BucketCounts(requests=20, accepted=70, drafted=200, steps=50),
+        ("m", "0.7-1.0"): BucketCounts(requests=20, accepted=120, drafted=200, steps=50),
+        ("m", "0.3-0.5"): BucketCounts(requests=20, accepted=70, drafted=200, steps=50),
+    })}), MappingProxyType({WINDOW: WINDOW}), judged=frozenset({("m", "0"), ("m", "0.7-1.0"), ("m", "0.3-0.5")}))
+    result = assess(upstream(), tap, cal, settings())
+    assert result.buckets[("m", "0")].verdict is Verdict.USE
+    assert result.buckets[("m", "0")].modelled_speedup == pytest.approx((1 + 70 / 50) / (1 + 0.1 * 4))
+    assert result.buckets[("m", "0.7-1.0")].verdict is Verdict.DISABLE
+    assert result.buckets[("m", "0.3-0.5")].verdict is Verdict.DISABLE  # 35% against the model's 0.4
+    assert result.bucket_thresholds[("m", "0")].break_even == pytest.approx(0.1)
+    assert result.bucket_thresholds[("m", "0.7-1.0")].break_even == pytest.approx(0.9)
+    assert ("m", "0.3-0.5") not in result.bucket_thresholds
+    # the status page's and top's rows carry the bucket's own break-even
+    from sidecar.export.view import view_from_snapshots
+
+    rows = {r.bucket: r for r in view_from_snapshots(upstream(), tap, result, settings()).buckets}
+    assert rows["0"].break_even == pytest.approx(0.1) and rows["0.3-0.5"].break_even is None
 
 
 def test_tap_verdicts_keep_the_last_load_while_vllm_is_unreachable():
