@@ -7,7 +7,8 @@ One vLLM start and one restart for the whole module:
 * vLLM SIGKILLed under traffic and restarted on the same port: the sidecar stays up, ``specdec_upstream_up``
   goes 0 then 1, every re-exported ``specdec_*_total`` counter is monotonic (sampled every 0.2 s, and
   ``resets()`` in Prometheus is 0), and a real Prometheus loading the project's rule files shows no
-  break-even alert, only ``SpecDecodeSidecarUpstreamDown`` while vLLM is down;
+  break-even alert, only ``SpecDecodeSidecarUpstreamDown`` and the proxy's own (its 502s: the 5xx ratio and
+  vLLM unreachable from the request path) while vLLM is down;
 * while vLLM is down, every proxied request comes back quickly with a clean 502/503 (never hangs); while it
   is starting again, the same until it listens, then 200s. A request counts in the phase it began in.
 
@@ -341,9 +342,14 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     assert 1.0 in ups[:first_zero] and 1.0 in ups[first_zero:], "specdec_upstream_up went 1 -> 0 -> 1"
     # alerts: nothing while up; only the upstream-down one while down; no break-even alert at any time
     assert alerts_by_phase["up"] == set()
-    assert {name for name, _ in alerts_by_phase["down"]} == {"SpecDecodeSidecarUpstreamDown"}
+    # while vLLM is down its clients get the proxy's 502s: the proxy's own alerts may be pending beside the page
+    # on the upstream (the sidecar had read vLLM before, so it is UpstreamDown, never UpstreamStarting)
+    down_alerts = {"SpecDecodeSidecarUpstreamDown", "SpecDecodeProxyErrorRatioHigh",
+                   "SpecDecodeProxyUpstreamUnreachable"}
+    assert "SpecDecodeSidecarUpstreamDown" in {name for name, _ in alerts_by_phase["down"]}
+    assert {name for name, _ in alerts_by_phase["down"]} <= down_alerts, alerts_by_phase["down"]
     assert not {name for name, _ in alerts_by_phase["back"]} & BREAK_EVEN_ALERTS, alerts_by_phase["back"]
-    assert {name for name, _ in alerts_by_phase["back"]} <= {"SpecDecodeSidecarUpstreamDown"}
+    assert {name for name, _ in alerts_by_phase["back"]} <= down_alerts
     # the recorded acceptance stayed on the right side of break-even
     assert float(before[0]["value"][1]) >= 0.5 and float(after[0]["value"][1]) >= 0.5
     # while vLLM was down or starting, every proxied request got a clean error quickly, never a hang
@@ -354,5 +360,5 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     starting = [(s, d) for p, s, d in proxied if p == "starting"]
     assert all(s in (200, 502, 503) for s, _ in starting), sorted({str(s) for s, _ in starting})
     assert all(d < 5.0 for s, d in starting if s != 200), starting
-    assert {name for name, _ in alerts_by_phase["starting"]} <= {"SpecDecodeSidecarUpstreamDown"}
+    assert {name for name, _ in alerts_by_phase["starting"]} <= down_alerts
     assert any(p == "back" and s == 200 for p, s, _ in proxied), "requests succeed again after the restart"
