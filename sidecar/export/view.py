@@ -46,6 +46,7 @@ WANTED = frozenset(
         "specdec_modelled_speedup",
         "specdec_bucket_modelled_speedup",
         "specdec_break_even_acceptance_rate",
+        "specdec_bucket_break_even_acceptance_rate",
         "specdec_calibration_info",
         "specdec_requests_total",
         "specdec_request_accepted_tokens_total",
@@ -349,9 +350,11 @@ def speedup(value: float | None) -> str:
 
 def calibration_notes(view: View) -> list[str]:
     """One line per model or bucket whose calibrated verdict differs from what the fixed rule of thumb
-    (``decision.DEFAULT_BREAK_EVEN`` / ``DEFAULT_NEAR_UPPER``) would say about the same acceptance."""
+    (``decision.DEFAULT_BREAK_EVEN`` / ``DEFAULT_NEAR_UPPER``) would say about the same acceptance, and for a
+    calibrated model where none differs, one line saying so (with what it was judged by)."""
     calibrated = {m.model: m for m in view.models if m.source == "measure"}
     notes = []
+    changed: set[str] = set()
     rows: list[ModelRow | Row] = [*calibrated.values(), *(r for r in view.buckets if r.model in calibrated)]
     for row in rows:
         if row.acceptance is None or row.modelled_speedup is None:
@@ -362,9 +365,21 @@ def calibration_notes(view: View) -> list[str]:
         model = calibrated[row.model]
         where = row.model if isinstance(row, ModelRow) else f"{row.model} {row.bucket}"
         break_even = row.break_even if row.break_even is not None else model.break_even
+        changed.add(row.model)
         notes.append(
             f"{where}: {row.verdict} by calibration (break-even {percent(break_even)} at "
             f"{number(model.running, '{:.0f}')} running, modelled {speedup(row.modelled_speedup)}) where the fixed "
             f"{percent(DEFAULT_BREAK_EVEN)} rule says {plain.value} at {percent(row.acceptance)} acceptance"
+        )
+    for name, model in sorted(calibrated.items()):
+        judged = [r for r in rows if r.model == name and r.acceptance is not None and r.modelled_speedup is not None]
+        if name in changed or not judged:
+            continue
+        own = sorted(f"{r.bucket} {percent(r.break_even)}" for r in judged
+                     if isinstance(r, Row) and r.break_even is not None)
+        notes.append(
+            f"{name}: calibrated (break-even {percent(model.break_even)} at {number(model.running, '{:.0f}')} "
+            f"running{'; by temperature ' + ', '.join(own) if own else ''}): every verdict agrees with the fixed "
+            f"{percent(DEFAULT_BREAK_EVEN)} rule here"
         )
     return notes

@@ -228,3 +228,29 @@ def test_measures_fit_and_the_sidecars_model_are_one_model():
         cells.append((output / passes, s, drafted / passes))
     assert fit_draft_cost(cells, 4) == pytest.approx(c)
     assert fit_draft_cost([(e, s) for e, s, _ in cells], 4) < c / 2
+
+
+def test_top_says_which_verdicts_the_calibration_changed_or_that_none_did():
+    from sidecar.export.view import ModelRow, Row, View, calibration_notes
+
+    model = ModelRow("m", acceptance=0.4, verdict="use", source="measure", break_even=0.2, running=4.0,
+                     modelled_speedup=1.3)
+    greedy = Row("m", "0", acceptance=0.6, verdict="use", modelled_speedup=1.4, break_even=0.1)
+    hot = Row("m", "0.7-1.0", acceptance=0.05, verdict="disable", modelled_speedup=0.5, break_even=0.9)
+    notes = calibration_notes(View(True, [model], [greedy, hot]))
+    assert notes == [
+        "m: use by calibration (break-even 20% at 4 running, modelled 1.30x) where the fixed 50% rule says disable "
+        "at 40% acceptance",
+        "m 0: use by calibration (break-even 10% at 4 running, modelled 1.40x) where the fixed 50% rule says "
+        "near_break_even at 60% acceptance",
+    ]
+    # the same verdicts the rule of thumb gives: one line saying so, with the thresholds used
+    agreeing = ModelRow("m", acceptance=0.4, verdict="disable", source="measure", break_even=0.78, running=4.0,
+                        modelled_speedup=0.6)
+    greedy_use = Row("m", "0", acceptance=0.7, verdict="use", modelled_speedup=1.3, break_even=0.4)
+    assert calibration_notes(View(True, [agreeing], [greedy_use, hot])) == [
+        "m: calibrated (break-even 78% at 4 running; by temperature 0 40%, 0.7-1.0 90%): every verdict agrees "
+        "with the fixed 50% rule here"]
+    # uncalibrated models, or nothing judged yet: no line
+    assert calibration_notes(View(True, [ModelRow("m", acceptance=0.4, verdict="disable")], [])) == []
+    assert calibration_notes(View(True, [ModelRow("m", source="measure", break_even=0.2)], [])) == []
