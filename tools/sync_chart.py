@@ -7,14 +7,20 @@ runs it.
 
 Rule files are the Prometheus rule files whose ``groups`` go into the PrometheusRule; alertmanager.yml is
 not copied (the chart renders its routing as an AlertmanagerConfig from values, and the tests compare the
-two).
+two). The copies stay byte for byte the sources (plus a header); the chart's templates/prometheusrule.yaml
+applies the release's values when it renders them, rule by rule, for whatever groups the files hold:
+``prometheusRule.thresholds.<key>`` replaces the expression of a recorded constant ``specdec:<key>:threshold``
+with ``vector(<value>)``, so every such rule must be exactly that shape here (checked: exit 1 otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART_FILES = ROOT / "helm" / "specdec-sidecar" / "files"
@@ -40,6 +46,29 @@ def expected() -> dict[Path, bytes]:
                 body = header.format(src=src.relative_to(ROOT).as_posix()).encode() + body
             wanted[dst_dir / src.name] = body
     return wanted
+
+
+THRESHOLD = re.compile(r"^specdec:(?P<key>.+):threshold$")
+VECTOR = re.compile(r"^vector\(\s*-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?\s*\)$")
+
+
+def rule_problems() -> list[str]:
+    """Rules the chart could not apply its values to: a recorded constant ``specdec:<key>:threshold`` whose
+    expression is not ``vector(<number>)`` (the chart would replace more than a number)."""
+    problems = []
+    for src_dir, pattern, dst_dir in SOURCES:
+        if dst_dir.name != "rules":
+            continue
+        for src in sorted(src_dir.glob(pattern)):
+            for group in (yaml.safe_load(src.read_text()) or {}).get("groups") or []:
+                for rule in group.get("rules") or []:
+                    record = rule.get("record", "")
+                    if THRESHOLD.match(record) and not VECTOR.match(str(rule.get("expr", "")).strip()):
+                        problems.append(
+                            f"{src.relative_to(ROOT)}: {record} must be vector(<number>) (the chart sets it from "
+                            f"prometheusRule.thresholds.{THRESHOLD.match(record)['key']}), not {rule.get('expr')!r}"
+                        )
+    return problems
 
 
 def differences() -> list[str]:
@@ -79,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         "--check", action="store_true", help="exit 1 if the chart's copies differ; write nothing"
     )
     args = parser.parse_args(argv)
+    bad_rules = rule_problems()
+    for line in bad_rules:
+        print(line, file=sys.stderr)
+    if bad_rules:
+        return 1
     if args.check:
         problems = differences()
         for line in problems:

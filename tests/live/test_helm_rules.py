@@ -324,3 +324,25 @@ def test_all_toggles_example_judges_by_its_break_even(tmp_path):
         }
     ]
     run_promtool_tests(tmp_path, groups, tests)
+
+
+def test_sync_refuses_a_threshold_the_chart_could_not_set(tmp_path, monkeypatch):
+    """tools/sync_chart.py: the chart sets specdec:<key>:threshold rules to vector(<value>), so in alerts/
+    they must be exactly vector(<number>)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_chart", ROOT / "tools" / "sync_chart.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    (tmp_path / "alerts").mkdir()
+    rules = tmp_path / "alerts" / "r.yaml"
+    monkeypatch.setattr(sync, "ROOT", tmp_path)
+    monkeypatch.setattr(sync, "SOURCES", ((tmp_path / "alerts", "*.yaml", tmp_path / "files" / "rules"),))
+    good = {"groups": [{"name": "t", "rules": [{"record": "specdec:x_guard:threshold", "expr": "vector(2.5)"}]}]}
+    rules.write_text(yaml.safe_dump(good))
+    assert sync.rule_problems() == [] and sync.main([]) == 0 and sync.main(["--check"]) == 0
+    good["groups"][0]["rules"][0]["expr"] = "vector(1) * 2"
+    rules.write_text(yaml.safe_dump(good))
+    [problem] = sync.rule_problems()
+    assert "specdec:x_guard:threshold must be vector(<number>)" in problem and "prometheusRule.thresholds.x_guard" in problem
+    assert sync.main(["--check"]) == 1
