@@ -71,7 +71,8 @@ def test_ttft_and_tpot_come_from_streamed_requests_only():
     from sidecar.upstream.exposition import Sample
 
     def hist(name, stream, counts):
-        edges = (0.1, 1.0, 10.0, float("inf"))
+        # three of the family's own edges (TTFT 0.1, 1, 5 s; TPOT 0.08, 0.15, 0.3 s) and +Inf
+        edges = (0.1, 1.0, 5.0, float("inf")) if "ttft" in name else (0.08, 0.15, 0.3, float("inf"))
         return [Sample(name + "_bucket", (("le", "+Inf" if le == float("inf") else str(le)), ("model", "m"),
                                           ("stream", stream), ("temperature_bucket", "0")), float(c))
                 for le, c in zip(edges, counts)]
@@ -79,11 +80,29 @@ def test_ttft_and_tpot_come_from_streamed_requests_only():
     samples = [Sample("specdec_requests_total", (("model", "m"), ("status_class", "2xx"),
                                                  ("temperature_bucket", "0")), 20.0)]
     samples += hist("specdec_request_ttft_seconds", "true", (10, 10, 10, 10))     # all under 0.1 s
-    samples += hist("specdec_request_ttft_seconds", "false", (0, 0, 10, 10))      # whole bodies: 1-10 s
-    samples += hist("specdec_request_tpot_seconds", "true", (10, 10, 10, 10))
+    samples += hist("specdec_request_ttft_seconds", "false", (0, 0, 10, 10))      # whole bodies: 1-5 s
+    samples += hist("specdec_request_tpot_seconds", "true", (10, 10, 10, 10))     # all under 0.08 s
     samples += hist("specdec_request_tpot_seconds", "false", (0, 10, 10, 10))
     row = build_view(samples, None, 10.0).buckets[0]
-    assert row.ttft_p99 <= 0.1 and row.tpot_p99 <= 0.1
+    assert row.ttft_p99 <= 0.1 and row.tpot_p99 <= 0.08
+
+
+def test_a_page_with_other_tpot_edges_reads_approximately():
+    """A sidecar of another version, with other TPOT edges: read by interpolating its cumulative counts at
+    this version's edges, not as if everything were above the last one."""
+    from sidecar.upstream.exposition import Sample
+
+    old_edges = (0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.2, 0.5, float("inf"))  # the edges before 2.5 ms..300 ms
+    counts = (0, 0, 50, 100, 100, 100, 100, 100, 100)  # half in (10, 20] ms, half in (20, 40] ms
+    samples = [Sample("specdec_requests_total", (("model", "m"), ("status_class", "2xx"),
+                                                 ("temperature_bucket", "0")), 100.0)]
+    samples += [Sample("specdec_request_tpot_seconds_bucket", (("le", "+Inf" if le == float("inf") else str(le)),
+                                                               ("model", "m"), ("stream", "true"),
+                                                               ("temperature_bucket", "0")), float(c))
+                for le, c in zip(old_edges, counts)]
+    row = build_view(samples, None, 10.0).buckets[0]
+    assert 0.015 <= row.tpot_p50 <= 0.025  # the page's own P50 is 0.02
+    assert 0.03 <= row.tpot_p99 <= 0.045  # and its P99 0.0398
 
 
 def test_header_says_what_the_distributions_cover():
