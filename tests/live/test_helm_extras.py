@@ -208,3 +208,48 @@ def test_monitoring_labels_on_every_monitoring_object():
     assert "tier" not in only(found, "Deployment")["metadata"]["labels"]
     pod_monitor = only(docs("--set", "podMonitor.enabled=true", "--set", "monitoring.labels.release=prom-a"), "PodMonitor")
     assert pod_monitor["metadata"]["labels"]["release"] == "prom-a"
+
+
+# ---------------------------------------------------------------- NOTES.txt
+
+
+def notes(tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as `helm install` would print it (helm template does not): rendered through a throw-away
+    template in a copy of the chart."""
+    import shutil
+
+    chart = tmp_path / "chart"
+    if not chart.exists():
+        shutil.copytree(CHART, chart)
+        shutil.copy(chart / "templates" / "NOTES.txt", chart / "files" / "notes.txt")
+        (chart / "templates" / "zz-notes.yaml").write_text(
+            'kind: Notes\nnotes: {{ tpl (.Files.Get "files/notes.txt") . | toJson }}\n'
+        )
+    out = subprocess.run(
+        [HELM, "template", "rel", str(chart), "--namespace", "llm", "--show-only", "templates/zz-notes.yaml", *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    return yaml.safe_load(out)["notes"]
+
+
+def test_notes_say_which_values_the_pods_need(tmp_path):
+    text = notes(tmp_path)
+    todo = text.split("BEFORE THE PODS CAN START")[1].split("Deployed:")[0]
+    for value in ("sidecar.image.repository", "vllm.model", "vllm.hfTokenSecret.name", "vllm.gpu.count"):
+        assert f"  - {value}:" in todo, value
+    assert "Deployed: Deployment rel-specdec-sidecar (1 pod), Service rel-specdec-sidecar." in text
+    assert "specdec-sidecar top --url http://127.0.0.1:9464/metrics" in text and "status page" in text
+    assert "helm test rel -n llm" in text
+    # the GPU example sets all of them but the model, which it names on purpose
+    gpu = notes(tmp_path, "-f", str(CHART / "ci" / "gpu-values.yaml"))
+    assert "sidecar.image.repository:" not in gpu and "vllm.hfTokenSecret" not in gpu and "vllm.gpu.count:" not in gpu
+    assert "on 1 GPU" in gpu and "PodDisruptionBudget rel-specdec-sidecar" in gpu
+    ready = notes(
+        tmp_path, "-f", str(CHART / "ci" / "gpu-values.yaml"), "--set", "vllm.model=Qwen/Qwen3-8B",
+    )
+    assert "BEFORE THE PODS CAN START" not in ready and "serving Qwen/Qwen3-8B on 1 GPU" in ready
+    # a model from a mounted path needs no token
+    local = notes(tmp_path, "--set", "vllm.model=/models/target")
+    assert "vllm.hfTokenSecret" not in local
+    # monitoring only: nothing about pods
+    assert "BEFORE THE PODS" not in notes(tmp_path, "-f", str(CHART / "ci" / "monitoring-only-values.yaml"))
