@@ -346,3 +346,20 @@ def test_sync_refuses_a_threshold_the_chart_could_not_set(tmp_path, monkeypatch)
     [problem] = sync.rule_problems()
     assert "specdec:x_guard:threshold must be vector(<number>)" in problem and "prometheusRule.thresholds.x_guard" in problem
     assert sync.main(["--check"]) == 1
+
+
+def test_values_list_every_recorded_constant():
+    """Every `specdec:<key>:threshold` of alerts/ is a documented key of prometheusRule.thresholds (and the
+    schema types it), so a new constant cannot be added without saying how a release sets it."""
+    keys = {
+        r["record"].split(":")[1]
+        for g in SOURCE_GROUPS
+        for r in g["rules"]
+        if r.get("record", "").startswith("specdec:") and r["record"].endswith(":threshold")
+    }
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["prometheusRule"]["thresholds"]
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    typed = schema["properties"]["prometheusRule"]["properties"]["thresholds"]["properties"]
+    assert keys and set(values) == keys and set(typed) == keys
