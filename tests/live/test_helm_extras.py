@@ -253,3 +253,14 @@ def test_notes_say_which_values_the_pods_need(tmp_path):
     assert "vllm.hfTokenSecret" not in local
     # monitoring only: nothing about pods
     assert "BEFORE THE PODS" not in notes(tmp_path, "-f", str(CHART / "ci" / "monitoring-only-values.yaml"))
+
+
+def test_service_and_pod_monitor_together_fail_and_no_example_enables_both():
+    both = helm_template("--set", "serviceMonitor.enabled=true", "--set", "podMonitor.enabled=true", check=False)
+    assert both.returncode != 0
+    assert "serviceMonitor.enabled and podMonitor.enabled both scrape the same endpoints" in both.stderr
+    for path in sorted((CHART / "ci").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        enabled = [k for k in ("serviceMonitor", "podMonitor") if (values.get(k) or {}).get("enabled")]
+        assert len(enabled) <= 1, f"{path.name} enables {enabled}"
+        helm_template("-f", str(path))  # and every example renders
