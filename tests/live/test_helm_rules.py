@@ -257,6 +257,12 @@ def test_a_release_that_does_not_own_the_recording_rules_ships_only_alerts(tmp_p
     rules = [r for g in groups for r in g["rules"]]
     assert rules and all("alert" in r for r in rules)
     assert [r["alert"] for r in rules] == [r["alert"] for g in SOURCE_GROUPS for r in g["rules"] if "alert" in r]
+    # a threshold set here would have no effect: the render says so
+    proc = helm_template(
+        "--set", "prometheusRule.enabled=true", "--set", "prometheusRule.recordingRules.owned=false",
+        "--set", "prometheusRule.thresholds.draft_tokens_guard=5", check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "prometheusRule.thresholds.draft_tokens_guard is set, but" in proc.stderr
     rules_file = tmp_path / "alerts-only.yaml"
     rules_file.write_text(yaml.safe_dump({"groups": groups}))
     assert promtool("check", "rules", rules_file.name, cwd=tmp_path).returncode == 0
