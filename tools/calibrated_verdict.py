@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     processes: list[subprocess.Popen] = []
     try:
         spec.start()
-        base.start()
-        print(f"vLLM up: spec {spec.url}, baseline {base.url}", flush=True)
+        if args.calibration is None or not args.schedule_check:  # the schedule check needs no baseline
+            base.start()
+        print(f"vLLM up: spec {spec.url}, baseline {base.url if base._proc is not None else '(not needed)'}", flush=True)
         if args.calibration is None:
             calibrate = measure(spec.url, base.url, args.out / "calibrate", args.calibrate_prompts,
                                 args.calibrate_temperatures, args.calibrate_concurrency, args.calibrate_requests)
@@ -221,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             calibration = args.calibration
         summary["calibration"] = json.loads(calibration.read_text())
         if args.calibrate_only:
-            return 0
+            return write_summary(args.out, summary)
         if args.schedule_check:
             summary["schedule_check"] = schedule_check(spec.url, calibration, args, processes)
-            return 0
+            return write_summary(args.out, summary)
 
         a_metrics, a_proxy, b_metrics, b_proxy = (free_port() for _ in range(4))
         processes.append(sidecar(spec.url, a_metrics, a_proxy, calibration, args.out / "sidecar-calibrated.log"))
@@ -257,7 +258,11 @@ def main(argv: list[str] | None = None) -> int:
             p.terminate()
         base.stop()
         spec.stop()
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return write_summary(args.out, summary)
+
+
+def write_summary(out: Path, summary: dict) -> int:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "calibration"}, indent=2))
     print(json.dumps(summary["calibration"], indent=2))
     return 0
