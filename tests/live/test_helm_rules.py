@@ -304,6 +304,8 @@ def test_example_values_set_the_sidecar_and_the_rules_alike(values_file, tmp_pat
         recorded["specdec:acceptance_near_break_even_upper:threshold"]["expr"]
         == f"vector({flags.get('near-break-even-upper', '0.65')})"
     )
+    # the baseline comparison's neutral band is the sidecar's own verdict band
+    assert recorded["specdec:speedup_band:threshold"]["expr"] == f"vector({flags.get('band', '0.05')})"
 
 
 def test_all_toggles_example_judges_by_its_break_even(tmp_path):
