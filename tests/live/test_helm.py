@@ -891,11 +891,11 @@ def test_alertmanager_config_matches_alerts_alertmanager_yml():
     assert [(r["receiver"], _matchers(r["matchers"])) for r in route["routes"]] == [
         (r["receiver"], _matchers(r["matchers"])) for r in src_route["routes"]
     ]
-    [inhibit] = amc["inhibitRules"]
-    [src_inhibit] = source["inhibit_rules"]
-    assert _matchers(inhibit["sourceMatch"]) == _matchers(src_inhibit["source_matchers"])
-    assert _matchers(inhibit["targetMatch"]) == _matchers(src_inhibit["target_matchers"])
-    assert inhibit["equal"] == src_inhibit["equal"]
+    assert len(amc["inhibitRules"]) == len(source["inhibit_rules"]) == 3
+    for inhibit, src_inhibit in zip(amc["inhibitRules"], source["inhibit_rules"], strict=True):
+        assert _matchers(inhibit["sourceMatch"]) == _matchers(src_inhibit["source_matchers"])
+        assert _matchers(inhibit["targetMatch"]) == _matchers(src_inhibit["target_matchers"])
+        assert inhibit["equal"] == src_inhibit["equal"]
 
     receivers = {r["name"]: r for r in amc["receivers"]}
     src_receivers = {r["name"]: r for r in source["receivers"]}

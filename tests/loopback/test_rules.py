@@ -158,7 +158,16 @@ def test_alertmanager_routes_critical_to_pagerduty_and_inhibits_near_break_even(
     assert set(config["route"]["group_by"]) >= {"namespace", "model"}
     warning = next(r for r in routes if "warning" in " ".join(r["matchers"]))
     assert "pagerduty_configs" not in receivers[warning["receiver"]]
-    inhibit = config["inhibit_rules"][0]
+    inhibit, ratio, unreachable = config["inhibit_rules"]
     assert 'alertname = "SpecDecodeAcceptanceBelowBreakEven"' in inhibit["source_matchers"]
     assert 'alertname = "SpecDecodeNearBreakEven"' in inhibit["target_matchers"]
     assert set(inhibit["equal"]) == {"namespace", "model"}
+    # vLLM gone pages once: the proxy's 502 alerts of the same namespace / pod are held back meanwhile; every
+    # label an inhibition matches on is one its source and target alerts carry
+    alerts = {r["alert"]: r for g in yaml.safe_load((ROOT / "alerts" / "alerts.yaml").read_text())["groups"]
+              for r in g["rules"] if "alert" in r}
+    for rule, target, equal in ((ratio, "SpecDecodeProxyErrorRatioHigh", {"namespace"}),
+                                (unreachable, "SpecDecodeProxyUpstreamUnreachable", {"namespace", "pod"})):
+        assert rule["source_matchers"] == ['alertname = "SpecDecodeSidecarUpstreamDown"']
+        assert rule["target_matchers"] == [f'alertname = "{target}"'] and set(rule["equal"]) == equal
+        assert target in alerts and alerts[target]["labels"]["severity"] in ("critical", "warning")
