@@ -349,7 +349,9 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     assert "SpecDecodeSidecarUpstreamDown" in {name for name, _ in alerts_by_phase["down"]}
     assert {name for name, _ in alerts_by_phase["down"]} <= down_alerts, alerts_by_phase["down"]
     assert not {name for name, _ in alerts_by_phase["back"]} & BREAK_EVEN_ALERTS, alerts_by_phase["back"]
-    assert {name for name, _ in alerts_by_phase["back"]} <= down_alerts
+    # vLLM's start-up takes both cores of this machine: the sidecar's own time per request really grows for
+    # the first requests after it (seen: the added-latency alert pending; the shipped rule waits 15m)
+    assert {name for name, _ in alerts_by_phase["back"]} <= down_alerts | {"SpecDecodeProxyAddedLatencyHigh"}
     # the recorded acceptance stayed on the right side of break-even
     assert float(before[0]["value"][1]) >= 0.5 and float(after[0]["value"][1]) >= 0.5
     # while vLLM was down or starting, every proxied request got a clean error quickly, never a hang
