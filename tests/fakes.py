@@ -98,6 +98,24 @@ async def wait_for(predicate: Callable[[], bool | Awaitable[bool]], timeout: flo
     raise AssertionError(f"timed out waiting for {what or predicate}")
 
 
+async def wait_ready(session, metrics_url: str, timeout: float = 30.0, proc=None) -> None:
+    """Until the sidecar at *metrics_url* answers ``/readyz`` with 200 (its first good poll of vLLM); fails with
+    the process's output if *proc* (an asyncio subprocess) exits first."""
+    import aiohttp
+
+    async def ready() -> bool:
+        if proc is not None and proc.returncode is not None:
+            output = await proc.stdout.read() if proc.stdout is not None else b""
+            raise AssertionError(f"the sidecar exited with {proc.returncode}: {output.decode(errors='replace')}")
+        try:
+            async with session.get(metrics_url + "/readyz") as resp:
+                return resp.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    await wait_for(ready, timeout=timeout, what=f"{metrics_url}/readyz")
+
+
 def raise_fd_limit(want: int = 65536) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = min(want, hard) if hard != resource.RLIM_INFINITY else want

@@ -12,6 +12,20 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "specdec-sidecar"
+HELM = os.environ.get("HELM") or str(ROOT / ".tools" / "bin" / "helm")
+KUBE_VERSION = "1.30.0"
+
+
+def helm_template(*args: str, chart: Path = CHART, namespace: str = "llm",
+                  check: bool = True) -> subprocess.CompletedProcess:
+    """``helm template rel <chart>`` for Kubernetes 1.30 (the project's chart unless *chart*); with *check*, a
+    failed render fails the test with helm's message."""
+    proc = subprocess.run([HELM, "template", "rel", str(chart), "--namespace", namespace, "--kube-version",
+                           KUBE_VERSION, *args], capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm template {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
+    return proc
 
 
 def docs(text: str) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from manifests import container, vllm_accepts, vllm_python
+from manifests import container, helm_template, vllm_accepts, vllm_python
 
 from sidecar.calibration import load as load_calibration
 from sidecar.cli import _settings_from, build_parser
@@ -55,23 +55,6 @@ def run(cmd: list[str], *, check: bool = True, timeout: float = 60) -> subproces
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr}{proc.stdout}")
     return proc
-
-
-def helm_template(*args: str, chart: Path = CHART, check: bool = True) -> subprocess.CompletedProcess:
-    return run(
-        [
-            HELM,
-            "template",
-            "rel",
-            str(chart),
-            "--namespace",
-            NAMESPACE,
-            "--kube-version",
-            KUBE_VERSION,
-            *args,
-        ],
-        check=check,
-    )
 
 
 @cache

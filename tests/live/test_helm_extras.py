@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from fakes import ReplayVllm, SidecarProcess, free_port, wait_for
+from manifests import helm_template
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specdec-sidecar"
@@ -21,19 +21,6 @@ HELM = str(ROOT / ".tools" / "bin" / "helm")
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule", "AlertmanagerConfig"}
 
 pytestmark = pytest.mark.skipif(not Path(HELM).is_file(), reason="helm not installed: run `make k8s-tools`")
-
-
-def helm_template(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [HELM, "template", "rel", str(CHART), "--namespace", "llm", "--kube-version", "1.30.0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def docs(*args: str) -> list[dict]:

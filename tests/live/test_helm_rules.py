@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from manifests import helm_template
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "specdec-sidecar"
@@ -50,19 +51,6 @@ CUSTOM = {
     # the fallback break-even for pods that export none follows the sidecar's own flag
     "sidecar": {"settings": {"breakEven": 0.3, "nearBreakEvenUpper": 0.4}},
 }
-
-
-def helm_template(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [HELM, "template", "rel", str(CHART), "--namespace", "llm", "--kube-version", "1.30.0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
 
 
 def rendered_rule(tmp_path: Path, values: dict | None, *args: str) -> dict:

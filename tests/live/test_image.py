@@ -30,7 +30,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from fakes import free_port
+from fakes import free_port, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache" / "image"
@@ -208,18 +208,7 @@ async def test_sidecar_runs_in_the_image_against_a_loopback_upstream(image, cont
     text = ""
     try:
         async with aiohttp.ClientSession() as session:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    async with session.get(f"http://127.0.0.1:{metrics_port}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert proc.returncode is None, (await proc.stdout.read()).decode()
-                await asyncio.sleep(0.3)
-            else:
-                raise AssertionError("the sidecar in the image never became ready")
+            await wait_ready(session, f"http://127.0.0.1:{metrics_port}", timeout=60, proc=proc)
             # the process inside the image runs as the image's non-root user
             uids = _uids_of(f"--metrics-port={metrics_port}")
             assert uids and all(uid == 65532 for uid in uids), uids

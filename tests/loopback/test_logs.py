@@ -10,7 +10,7 @@ import sys
 
 import aiohttp
 
-from fakes import ReplayVllm, free_port
+from fakes import ReplayVllm, free_port, wait_ready
 from sidecar.logs import RateLimited, RateLimitFilter, configure_logging
 
 
@@ -81,14 +81,7 @@ async def test_serve_under_proxy_errors_writes_only_json_lines():
     base = f"http://127.0.0.1:{proxy_port}"
     try:
         async with aiohttp.ClientSession() as client:
-            for _ in range(100):
-                try:
-                    async with client.get(f"http://127.0.0.1:{metrics_port}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.1)
+            await wait_ready(client, f"http://127.0.0.1:{metrics_port}", timeout=10)
             for _ in range(3):  # upstream reset mid-stream
                 try:
                     async with client.post(base + "/v1/completions", json={"model": "tiny-target", "stream": True},
