@@ -12,7 +12,7 @@ minutes, most of it vLLM starting.
 Asserted: each arm detected; both arms served the minimum in both buckets and every ratio is recorded; a
 bucket whose live ratio is below 0.9 raises SpecDecodeSlowerThanBaseline and one above 1 does not; wherever
 the paired ``measure``'s 95% interval excludes 1 the live ratio says the same (helps / hurts); with the
-baseline gone every ratio is absent at once and no alert appears. Whether greedy requests gain on this
+baseline gone every ratio is absent at once and no alert against the baseline remains or appears. Whether greedy requests gain on this
 machine depends on how many cores a server computes on (docs/baseline.md): the test asserts agreement, not
 a direction. The ratio's distance from ``measure``'s point is printed, not asserted (docs/baseline.md has
 the recorded runs).
@@ -70,9 +70,10 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         gone = arms.drop_baseline()
         print("baseline gone:", json.dumps(gone))
         assert gone["ratios_left"] == {}, gone
-        assert gone["new_alerts"] == [], gone
-        assert not [a for a in gone["alerts_after"] if a.startswith(("SpecDecodeSlowerThanBaseline",
-                                                                      "SpecDecodeTailRegression"))], gone
+        # nothing that reads the comparison fires, before or after; the speculative arm's own alerts (its
+        # acceptance against break-even) go on as they were and may come and go with its traffic
+        against_baseline = ("SpecDecodeSlowerThanBaseline", "SpecDecodeTailRegression")
+        assert not [a for a in gone["alerts_after"] if a.startswith(against_baseline)], gone
         assert gone["replicas"] == {"speculative": 1.0}
     finally:
         if arms is not None:
