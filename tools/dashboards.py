@@ -172,6 +172,12 @@ def dashed(name: str, color: str) -> tuple[str, list[dm.DynamicConfigValue]]:
     ]
 
 
+def unstacked(style: tuple[str, list[dm.DynamicConfigValue]]) -> tuple[str, list[dm.DynamicConfigValue]]:
+    """A line style that stays out of a stacked panel's stack (a threshold drawn over stacked shares)."""
+    name, values = style
+    return name, [*values, dm.DynamicConfigValue(id_val="custom.stacking", value={"mode": "none", "group": "A"})]
+
+
 THRESHOLD_LINES = [
     Q(BREAK_EVEN, "{{model}} break-even"),
     Q(NEAR_UPPER, "{{model}} near-break-even upper edge"),
@@ -370,8 +376,11 @@ def acceptance_row() -> list:
            styles=THRESHOLD_STYLE),
         ts("Share of requests by temperature bucket",
            "Each bucket's share of a model's requests over 5m. A bucket below break-even matters once it carries "
-           "a meaningful share (the alert uses 10%).",
-           [Q(BSHARE, "{{model}} {{temperature_bucket}}")], "percentunit", ("bucket",), w=8, stack=True),
+           "a meaningful share: the alert needs the dashed line's (10% unless the rules say otherwise).",
+           [Q(BSHARE, "{{model}} {{temperature_bucket}}"),
+            Q("specdec:bucket_share:threshold", "a bucket alerts from this share")],
+           "percentunit", ("bucket",), w=8, stack=True,
+           styles=[unstacked(dashed("a bucket alerts from this share", "red"))]),
         ts("Per-request acceptance P10 / P50 / P90",
            "Distribution of per-request acceptance per model (recorded from the tap's histogram). A healthy "
            "token-weighted average can hide a P10 below break-even: a tenth of requests slower with speculation.",
@@ -426,11 +435,13 @@ def acceptance_row() -> list:
               "{{model}} wasted")],
            "short", ("below",)),
         ts("Acceptance now and a day earlier",
-           "Acceptance against its value 24h earlier and the alert's line (5 points below it): a drop means "
-           "something changed (target, draft, quantization, chat template, sampling defaults or traffic).",
+           "Acceptance against its value 24h earlier and the alert's line (specdec:acceptance_drop:threshold, "
+           "5 points, below it): a drop means something changed (target, draft, quantization, chat template, "
+           "sampling defaults or traffic).",
            [Q(ACC, "{{model}} now"),
             Q(f"{ACC} offset 1d", "{{model}} a day earlier"),
-            Q(f"({ACC} offset 1d) - 0.05", "{{model}} alert below this")],
+            Q(f"({ACC} offset 1d) - on () group_left () specdec:acceptance_drop:threshold",
+              "{{model}} alert below this")],
            "percentunit", ("dropped",), styles=[dashed("/.* alert below this$/", "red")]),
     ]
 
@@ -477,11 +488,12 @@ def latency_row() -> list:
             "acceptance is low it rises above what the target alone would do."),
         ts("TPOT P99/P50 now and a day earlier",
            "The gap between the TPOT tail and median against its value 24h earlier and the alert's line "
-           "(1.5x). Mixed workloads widen it: high-acceptance requests speed up the median while low-acceptance "
-           "requests batched with them slow the tail.",
+           "(specdec:tpot_tail_widening:threshold, 1.5x). Mixed workloads widen it: high-acceptance requests "
+           "speed up the median while low-acceptance requests batched with them slow the tail.",
            [Q(TPOT_GAP, "{{model}} now"),
             Q(f"{TPOT_GAP} offset 1d", "{{model}} a day earlier"),
-            Q(f"1.5 * ({TPOT_GAP} offset 1d)", "{{model}} alert above this")],
+            Q(f"({TPOT_GAP} offset 1d) * on () group_left () specdec:tpot_tail_widening:threshold",
+              "{{model}} alert above this")],
            "short", ("tpot",), w=8, styles=[dashed("/.* alert above this$/", "red")]),
     ]
 
@@ -568,10 +580,11 @@ def kv_row() -> list:
     return [
         ts("KV cache usage (fullest pod)",
            "KV cache in use on the fullest pod per model. The draft's weights and layers come out of the same "
-           "KV budget, so speculation directly reduces how many requests fit. The alert fires above 90% with "
-           "requests waiting.",
-           [Q(f"namespace_model:specdec_kv_cache_usage:max{{{M}}}", "{{model}}")],
-           "percentunit", ("kv",), w=5),
+           "KV budget, so speculation directly reduces how many requests fit. The alert fires above the dashed "
+           "line (90% unless the rules say otherwise) with requests waiting.",
+           [Q(f"namespace_model:specdec_kv_cache_usage:max{{{M}}}", "{{model}}"),
+            Q("specdec:kv_cache_usage:threshold", "alert above this (with requests waiting)")],
+           "percentunit", ("kv",), w=5, styles=[dashed("alert above this (with requests waiting)", "red")]),
         ts("Requests running and waiting",
            "Requests waiting for a slot (recorded) and running, summed over pods. KV usage hurts only when work "
            "queues behind it.",
@@ -580,9 +593,10 @@ def kv_row() -> list:
            "short", ("kv",), w=5),
         ts("Preemptions per second",
            "Requests vLLM preempted because the KV cache ran out (recorded fleet rate). Preempted requests are "
-           "recomputed, which costs far more than speculation saves.",
-           [Q(f"namespace_model:specdec_preemptions:rate5m{{{M}}}", "{{model}}")],
-           "short", ("preempt",), w=5),
+           "recomputed, which costs far more than speculation saves. The alert fires above the dashed line.",
+           [Q(f"namespace_model:specdec_preemptions:rate5m{{{M}}}", "{{model}}"),
+            Q("specdec:preemptions_per_second:threshold", "alert above this")],
+           "short", ("preempt",), w=5, styles=[dashed("alert above this", "red")]),
         ts("Generated tokens per second",
            "Tokens vLLM generated per second per model (recorded fleet rate), with the traffic guard of the "
            "KV-cache and preemption alerts: below the dashed line a model counts as idle and neither fires.",
