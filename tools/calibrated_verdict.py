@@ -82,18 +82,26 @@ def wait_ready(port: int, timeout: float = 60.0) -> None:
 
 
 def workload(base: str, temperature: float | list[float], prompts: str, clients: int,
-             seconds: float) -> tuple[int, int]:
-    """*clients* closed-loop clients for *seconds*; with several temperatures, each request takes the next one
-    (as ``measure`` spreads its temperatures over the same prompts)."""
+             seconds: float, requests: int | None = None) -> tuple[int, int]:
+    """*clients* closed-loop clients for *seconds* (or until *requests* were sent, as ``measure``'s cells);
+    with several temperatures, each request takes the next one."""
     chosen = builtin(prompts)
     temperatures = temperature if isinstance(temperature, list) else [temperature]
     stop = time.monotonic() + seconds
     done = [0, 0]  # answered, failed
+    sent = [0]
     lock = threading.Lock()
+
+    def take() -> bool:
+        with lock:
+            if requests is not None and sent[0] >= requests:
+                return False
+            sent[0] += 1
+            return True
 
     def client(i: int) -> None:
         n = i
-        while time.monotonic() < stop:
+        while time.monotonic() < stop and take():
             prompt = chosen[n % len(chosen)]
             body = {"model": MODEL, **prompt.body(), "max_tokens": MAX_TOKENS[0],
                     "temperature": temperatures[(n // len(chosen)) % len(temperatures)]}
@@ -157,10 +165,9 @@ def schedule_check(spec: str, calibration: Path, args: argparse.Namespace, proce
     model_cal = load_calibration(calibration).models[MODEL]
     offline = speculation_schedule([(level.concurrency, level.best_k) for level in model_cal.levels])
     metrics, proxy = free_port(), free_port()
-    # windows long enough that every level's traffic is still in the longest one when the last level ends
-    minutes = max(2, int(len(model_cal.levels) * args.schedule_check / 60) + 2)
+    # a longest window that holds every level's traffic when the last level ends
     processes.append(sidecar(spec, metrics, proxy, calibration, args.out / "sidecar-schedule.log",
-                             windows=f"1m,{minutes}m"))
+                             windows="1m,1h"))
     wait_ready(metrics)
     temperatures = [float(t) for t in args.calibrate_temperatures.split(",")]
     levels = []
@@ -168,7 +175,7 @@ def schedule_check(spec: str, calibration: Path, args: argparse.Namespace, proce
         answered = 0
         for temperature in temperatures:  # one temperature at a time, as measure's cells
             answered += workload(f"http://127.0.0.1:{proxy}", temperature, args.calibrate_prompts,
-                                 int(level.concurrency), args.schedule_check / len(temperatures))[0]
+                                 int(level.concurrency), 1200.0, requests=args.schedule_check)[0]
         levels.append({"concurrency": level.concurrency, "answered": answered,
                        "draft_cost": level.draft_cost, "measure_best_k": level.best_k})
     time.sleep(5)  # two more polls, so the last interval is in the profile
@@ -196,10 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop after step 2 (e.g. to record a calibration for the demo's server)")
     parser.add_argument("--calibration", type=Path,
                         help="use this calibration.json (written by measure for the same server) instead of step 2")
-    parser.add_argument("--schedule-check", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--schedule-check", type=int, default=0, metavar="REQUESTS",
                         help="instead of steps 3-5: replay the calibration workload live through a calibrated "
-                             "sidecar at each calibrated concurrency (SECONDS per level, the temperatures in turn, "
-                             "as measure runs them) and compare the sidecar's live k schedule with measure's")
+                             "sidecar at each calibrated concurrency (REQUESTS per temperature and level, the "
+                             "temperatures in turn, as measure's cells) and compare the sidecar's live k schedule "
+                             "with measure's")
     args = parser.parse_args(argv)
     MAX_TOKENS[0] = args.max_tokens
     args.out.mkdir(parents=True, exist_ok=True)

@@ -44,9 +44,11 @@ from sidecar.commands.measure_prompts import builtin as builtin_prompts  # noqa:
 SLICES = [("echo", 0.0), ("code", 1.0)]
 PHASE_SECONDS = 10.0
 # The demo server's calibration, as `specdec-sidecar measure` wrote it for this very configuration (tiny target,
-# n-gram k = 4, against a server without speculation, on a 2-core machine of this kind; the command is in
-# docs/measure.md). The sidecar judges the model by its modelled speed-up at the current load with it; top
-# prints a line for every verdict it changed against the fixed 0.5 rule. Measure your own before trusting it.
+# n-gram k = 4, echo prompts at temperatures 0 and 1, concurrency 1 and 4, against a server without speculation,
+# on a 2-core machine of this kind; the command and the figures are in docs/measure.md). The sidecar judges the
+# model by its modelled speed-up at the current load, and each temperature bucket by the draft cost measured at
+# its own temperatures; top prints a line for every verdict that differs from the fixed 0.5 rule (or one saying
+# none does). Measure your own before trusting it.
 CALIBRATION = ROOT / "devstack" / "tiny-target-ngram-k4.calibration.json"
 
 

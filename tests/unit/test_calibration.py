@@ -240,3 +240,15 @@ def test_a_bucket_is_judged_by_the_costs_of_the_temperatures_it_holds():
     both = m.levels[0].draft_cost_for(lambda t: t in (0, 1))
     assert both == pytest.approx((0.01 + 2.5) / 2)
     assert parse(json.loads(dumps(Calibration({"tiny-target": m})))).models["tiny-target"] == m
+
+
+def test_the_demos_calibration_is_for_the_demos_server():
+    """devstack/'s recorded calibration loads, and is for what `make demo` serves: the tiny target with n-gram
+    drafting, k = 4 (tools/demo.py), with each measured temperature's own cost."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    demo = (root / "tools" / "demo.py").read_text()
+    assert 'ROOT / "devstack" / "tiny-target-ngram-k4.calibration.json"' in demo and "ngram_config(k=4)" in demo
+    m = load(root / "devstack" / "tiny-target-ngram-k4.calibration.json").models["tiny-target"]
+    assert (m.method, m.k) == ("ngram", 4) and m.measured_temperatures() == (0.0, 1.0)
