@@ -12,6 +12,7 @@ every engine ever seen, so an engine that disappears never makes a model's total
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from itertools import islice
 from dataclasses import dataclass, field
@@ -326,6 +327,20 @@ def load_profile(points: Sequence[Point]) -> dict[str, dict[int, LoadCell]]:
             load = round(running[model])
             cells[load] = cells.get(load, LoadCell()).plus(accepted, drafted, drafts, generated)
     return profile
+
+
+def window_load(points: Sequence[Point], since: float) -> dict[str, float]:
+    """Per model, the running requests the drafts of the intervals ending after *since* ran at, weighted by
+    draft tokens (the load the window's acceptance was reached at, what a calibrated break-even is read at).
+    A model without drafts there is left out. The last poll's running requests alone jump with every request
+    that starts or ends (seen: 0 between two polls of four busy clients)."""
+    start = max(0, bisect.bisect_left([p.t for p in points], since) - 1)
+    out: dict[str, float] = {}
+    for model, cells in load_profile(list(islice(points, start, None))).items():
+        drafted = sum(cell.drafted for cell in cells.values())
+        if drafted > 0:
+            out[model] = sum(load * cell.drafted for load, cell in cells.items()) / drafted
+    return out
 
 
 def _engine_deltas(now: Counts, base: Counts | None) -> tuple[dict[str, float | None], dict[int, float]]:

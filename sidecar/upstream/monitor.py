@@ -18,7 +18,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from sidecar.config import Settings
-from sidecar.upstream.derive import Health, Point, advance, derive, trim_history
+from sidecar.upstream.derive import Health, Point, advance, derive, trim_history, window_load
 from sidecar.upstream.scrape import ScrapeError, ScrapeResult, Scraper
 
 log = structlog.get_logger("sidecar.upstream.monitor")
@@ -31,8 +31,9 @@ class MonitorState:
     up: bool = False
     health: Health | None = None
     scrapes: int = 0
-    # Running requests per model at the last successful poll, kept while vLLM is unreachable: the load the
-    # calibrated break-even is read at (the tap's verdicts go on without vLLM's /metrics).
+    # Running requests per model, kept while vLLM is unreachable: the load the calibrated break-even is read
+    # at (the tap's verdicts go on without vLLM's /metrics). Where the verdict window drafted, the running
+    # requests its drafts ran at (``derive.window_load``); elsewhere the last successful poll's.
     load: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
     # Per model: whether vLLM drafts for it (``--speculative``, or detected from the families vLLM exports),
     # kept while vLLM is unreachable like ``load``: the arm a pod is in for the baseline comparison.
@@ -152,6 +153,8 @@ class Monitor:
         load = dict(self.state.load)
         if health is not None:
             load.update({m: g.pressure.running for m, g in health.models.items() if g.pressure.running is not None})
+            # where the verdict window drafted, the load its drafts ran at (not one poll's running requests)
+            load.update(window_load(self._points, t - s.verdict_window))
         speculating = dict(self.state.speculating)
         speculating.update(arm_of(result.snapshot.speculating(), s.speculative))
         self.state = MonitorState(

@@ -340,3 +340,25 @@ def test_totals_never_go_down_with_random_gaps(steps):
             assert value >= previous.get(name, 0.0), name
         previous = dict(totals)
     assert all(p.resets == 0 for p in points)
+
+
+def test_window_load_is_the_load_the_windows_drafts_ran_at():
+    """The calibrated break-even is read at the running requests the verdict window's drafts ran at, weighted
+    by draft tokens: one poll's running requests (0 between two polls of busy clients) would move it."""
+    from sidecar.upstream.derive import window_load
+    from sidecar.upstream.vllm_metrics import read_vllm_metrics
+
+    def page(running: int, drafted: int, accepted: int) -> str:
+        return (f'vllm:num_requests_running{{engine="0",model_name="m"}} {running}\n'
+                f'vllm:spec_decode_num_draft_tokens_total{{engine="0",model_name="m"}} {drafted}\n'
+                f'vllm:spec_decode_num_accepted_tokens_total{{engine="0",model_name="m"}} {accepted}\n'
+                f'vllm:spec_decode_num_drafts_total{{engine="0",model_name="m"}} {drafted // 4}\n')
+
+    points, previous = [], None
+    # 100 s at 4 running drafting 400 tokens per poll, then a poll at 1 running with 100 more, then 0 running
+    for t, (running, drafted) in enumerate([(4, 0), (4, 400), (4, 800), (1, 900), (0, 900)]):
+        previous = advance(previous, float(t * 10), read_vllm_metrics(page(running, drafted, drafted // 2)))
+        points.append(previous)
+    assert window_load(points, 0.0)["m"] == pytest.approx((4 * 800 + 1 * 100) / 900)
+    assert window_load(points, 25.0)["m"] == pytest.approx(1.0)  # only the interval ending at t=30 drafted
+    assert window_load(points, 35.0) == {}  # no drafts in the window: no load from it
