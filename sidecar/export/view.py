@@ -367,9 +367,9 @@ def calibration_notes(view: View) -> list[str]:
         break_even = row.break_even if row.break_even is not None else model.break_even
         changed.add(row.model)
         notes.append(
-            f"{where}: {row.verdict} by calibration (break-even {percent(break_even)} at "
-            f"{number(model.running, '{:.0f}')} running, modelled {speedup(row.modelled_speedup)}) where the fixed "
-            f"{percent(DEFAULT_BREAK_EVEN)} rule says {plain.value} at {percent(row.acceptance)} acceptance"
+            f"{where}: {row.verdict} by calibration (break-even {percent(break_even)} at its load, modelled "
+            f"{speedup(row.modelled_speedup)}) where the fixed {percent(DEFAULT_BREAK_EVEN)} rule says "
+            f"{plain.value} at {percent(row.acceptance)} acceptance"
         )
     for name, model in sorted(calibrated.items()):
         judged = [r for r in rows if r.model == name and r.acceptance is not None and r.modelled_speedup is not None]
@@ -378,8 +378,8 @@ def calibration_notes(view: View) -> list[str]:
         own = sorted(f"{r.bucket} {percent(r.break_even)}" for r in judged
                      if isinstance(r, Row) and r.break_even is not None)
         notes.append(
-            f"{name}: calibrated (break-even {percent(model.break_even)} at {number(model.running, '{:.0f}')} "
-            f"running{'; by temperature ' + ', '.join(own) if own else ''}): every verdict agrees with the fixed "
+            f"{name}: calibrated (break-even {percent(model.break_even)} at its load"
+            f"{'; by temperature ' + ', '.join(own) if own else ''}): every verdict agrees with the fixed "
             f"{percent(DEFAULT_BREAK_EVEN)} rule here"
         )
     return notes

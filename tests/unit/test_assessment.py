@@ -239,9 +239,9 @@ def test_top_says_which_verdicts_the_calibration_changed_or_that_none_did():
     hot = Row("m", "0.7-1.0", acceptance=0.05, verdict="disable", modelled_speedup=0.5, break_even=0.9)
     notes = calibration_notes(View(True, [model], [greedy, hot]))
     assert notes == [
-        "m: use by calibration (break-even 20% at 4 running, modelled 1.30x) where the fixed 50% rule says disable "
+        "m: use by calibration (break-even 20% at its load, modelled 1.30x) where the fixed 50% rule says disable "
         "at 40% acceptance",
-        "m 0: use by calibration (break-even 10% at 4 running, modelled 1.40x) where the fixed 50% rule says "
+        "m 0: use by calibration (break-even 10% at its load, modelled 1.40x) where the fixed 50% rule says "
         "near_break_even at 60% acceptance",
     ]
     # the same verdicts the rule of thumb gives: one line saying so, with the thresholds used
@@ -249,7 +249,7 @@ def test_top_says_which_verdicts_the_calibration_changed_or_that_none_did():
                         modelled_speedup=0.6)
     greedy_use = Row("m", "0", acceptance=0.7, verdict="use", modelled_speedup=1.3, break_even=0.4)
     assert calibration_notes(View(True, [agreeing], [greedy_use, hot])) == [
-        "m: calibrated (break-even 78% at 4 running; by temperature 0 40%, 0.7-1.0 90%): every verdict agrees "
+        "m: calibrated (break-even 78% at its load; by temperature 0 40%, 0.7-1.0 90%): every verdict agrees "
         "with the fixed 50% rule here"]
     # uncalibrated models, or nothing judged yet: no line
     assert calibration_notes(View(True, [ModelRow("m", acceptance=0.4, verdict="disable")], [])) == []
