@@ -44,9 +44,9 @@ demo:
 test: venv vllm system-deps k8s-tools
 	VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(BIN)/python -m pytest --durations=20
 
-## test-fast: the unit and loopback tiers (tests/unit, tests/loopback): no vLLM, no live servers
+## test-fast: the unit and loopback tiers (tests/unit, tests/loopback) on two workers: no vLLM, no live servers
 test-fast: venv system-deps
-	$(BIN)/python -m pytest -m "unit or loopback" --durations=10 tests/unit tests/loopback
+	$(BIN)/python -m pytest -n 2 -m "unit or loopback" --durations=10 tests/unit tests/loopback
 
 venv: $(VENV)/.installed
 
