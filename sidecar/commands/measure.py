@@ -224,8 +224,11 @@ class Runner:
         if outcome.first_token_at is not None:
             record.ttft_s = outcome.first_token_at - started
             tokens = outcome.completion_tokens or 0
-            if tokens > 1 and outcome.last_token_at is not None:
-                record.tpot_s = (outcome.last_token_at - outcome.first_token_at) / (tokens - 1)
+            first, last = outcome.first_token_at, outcome.last_token_at
+            # A response that arrived in one read shows no spacing between its tokens: its TPOT is unknown to
+            # this client (the reader or the network held it up), not 0, which would compare as infinitely fast.
+            if tokens > 1 and last is not None and last > first:
+                record.tpot_s = (last - first) / (tokens - 1)
         if outcome.stream_error:
             record.error = "vLLM sent an error event in the stream"
             return record

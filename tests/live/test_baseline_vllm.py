@@ -45,12 +45,20 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
     arms = None
     try:
         arms = Arms(spec, base, tmp_path, window="40s", for_="2s", min_requests=15)
-        reading = arms.level(CLIENTS_PER_SERVER, 45, (0.0, 1.0), turn=5, mix="turns", max_tokens=48, seed=1,
-                             routing="balanced")
-        print("\nlive:", json.dumps(reading["buckets"]), reading["alerts"], reading["sent"])
-        answered = {arm: sum(n for key, n in reading["sent"].items() if key.startswith(arm + "@"))
-                    for arm in ("speculative", "baseline")}
-        assert min(answered.values()) >= 30, f"an arm answered too little to compare: {reading['sent']}"
+        # Two servers, two sidecars, Prometheus and the load on 2 cores: one server is sometimes starved for a
+        # whole phase (its sidecar's polls of vLLM time out; it answered 4 requests in 45 s once). That is this
+        # machine, not the comparison, so a starved phase is run once more (its 40 s windows then hold the
+        # second phase alone) and the comparison is asserted on a phase where both arms were served.
+        for attempt in (1, 2):
+            reading = arms.level(CLIENTS_PER_SERVER, 45, (0.0, 1.0), turn=5, mix="turns", max_tokens=48,
+                                 seed=attempt, routing="balanced")
+            print(f"\nlive (phase {attempt}):", json.dumps(reading["buckets"]), reading["alerts"], reading["sent"])
+            answered = {arm: sum(n for key, n in reading["sent"].items() if key.startswith(arm + "@"))
+                        for arm in ("speculative", "baseline")}
+            if min(answered.values()) >= 30:
+                break
+            print(f"phase {attempt}: an arm answered too little to compare: {reading['sent']}")
+        assert min(answered.values()) >= 30, f"an arm answered too little to compare, twice: {reading['sent']}"
         for bucket in (GREEDY, HOT):
             row = reading["buckets"][bucket]
             assert row["requests_speculative"] >= 15 and row["requests_baseline"] >= 15, row

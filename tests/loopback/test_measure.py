@@ -229,8 +229,10 @@ def test_prompt_files_are_checked(tmp_path):
 class RecordedStreams:
     """Loopback server answering every completion with one recorded vLLM stream, event by event."""
 
-    def __init__(self, fixture: str, version: str | None = None, models: tuple[str, ...] = ("tiny-target",)) -> None:
+    def __init__(self, fixture: str, version: str | None = None, models: tuple[str, ...] = ("tiny-target",),
+                 burst: bool = False) -> None:
         self.events = (FIXTURES / fixture).read_bytes().split(b"\n\n")
+        self.burst = burst  # the whole stream in one write, as a held-up server or reader receives it
         self.bodies: list[dict] = []
         self.version = version  # vLLM's /version answer; None: the route is absent (404)
         self.served = models
@@ -239,6 +241,11 @@ class RecordedStreams:
         self.bodies.append(await request.json())
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        if self.burst:
+            await asyncio.sleep(0.02)
+            await response.write(b"".join(e + b"\n\n" for e in self.events if e.strip()))
+            await response.write_eof()
+            return response
         for event in self.events:
             if event.strip():
                 await response.write(event + b"\n\n")
@@ -336,6 +343,26 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
         assert {t.temperature: t.draft_cost for t in level.by_temperature} == pytest.approx(
             {t: max(0.0, c) for t, c in own.items()})
     assert any(level.by_temperature for level in calibration.levels)
+
+
+async def test_a_response_that_arrived_in_one_read_has_no_tpot(tmp_path):
+    """Seen on two vLLM servers sharing 2 cores: every baseline request of a cell arrived in one read, their
+    TPOT was 0 and the cell's TPOT speed-up divided by 0. No spacing between tokens: no TPOT, and no TPOT
+    comparison for the cell; its throughput comparison, which needs none, stays."""
+    spec_server = RecordedStreams("completion-stream.sse", version="0.32.0")
+    base_server = RecordedStreams("completion-stream-no-spec-metrics.sse", burst=True)
+    async with spec_server as spec_url, base_server as base_url:
+        out = tmp_path / "out"
+        code = await _main("measure", "--url", spec_url, "--baseline-url", base_url, "--temperatures", "0",
+                           "--concurrency", "1", "--requests", "4", "--warmup", "0", "--rounds", "1",
+                           "--bootstrap", "100", "--out", str(out), "--no-plots", "--method", "ngram")
+    assert code == 0
+    records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    assert {r["server"]: r["tpot_s"] is None for r in records} == {SPEC: False, BASELINE: True}
+    assert all(r["ttft_s"] > 0 and r["output_tokens"] > 1 for r in records)
+    spec_cell = next(c for c in json.loads((out / "results.json").read_text())["cells"] if c["server"] == SPEC)
+    assert spec_cell["speedup"]["tpot"]["value"] is None
+    assert spec_cell["speedup"]["throughput"]["value"] > 0
 
 
 async def test_without_a_baseline_no_calibration_and_without_matplotlib_the_results_still(tmp_path):
