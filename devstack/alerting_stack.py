@@ -7,12 +7,15 @@ and webhook URLs point wherever the caller says, with grouping shortened.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,66 @@ def find_binary(*names: str) -> str | None:
 def shorten_rules(text: str, window: str = "30s", for_: str = "5s") -> str:
     text = re.sub(r"\[5m\]", f"[{window}]", text)
     return re.sub(r"for: \d+m", f"for: {for_}", text)
+
+
+class LoopbackPrometheus:
+    """A real Prometheus on loopback scraping sidecars (job ``specdec-sidecar``, one target a pod, labelled
+    with *namespace* and the pod's name) and evaluating copies of the shipped rule files, each passed through
+    *rewrite* (shorter windows and ``for:`` for a test)."""
+
+    def __init__(self, workdir: Path, targets: dict[str, int], rewrite: Callable[[str], str], namespace: str) -> None:
+        import yaml  # test/demo extra, not needed by the sidecar itself
+
+        binary = find_binary("prometheus")
+        if binary is None:
+            raise FileNotFoundError("prometheus is not installed (make system-deps)")
+        workdir.mkdir(parents=True, exist_ok=True)
+        rules = []
+        for name in ("recording-rules.yaml", "alerts.yaml"):
+            copy = workdir / name
+            copy.write_text(rewrite((ALERTS_DIR / name).read_text()))
+            rules.append(str(copy))
+        self.port = free_port()
+        (workdir / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": rules,
+            "scrape_configs": [{
+                "job_name": "specdec-sidecar",
+                "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": namespace, "pod": pod}}
+                                   for pod, port in targets.items()],
+            }],
+        }))
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "ab"), start_new_session=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def query(self, expr: str) -> list[dict]:
+        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.loads(r.read())
+        if body.get("status") != "success":
+            raise RuntimeError(f"query {expr!r} failed: {body}")
+        return body["data"]["result"]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError("prometheus not ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 @dataclass

@@ -37,7 +37,6 @@ import re
 import subprocess
 import sys
 import time
-import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -45,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from devstack.alerting_stack import find_binary  # noqa: E402
+from devstack.alerting_stack import LoopbackPrometheus as Prometheus  # noqa: E402
 from devstack.vllm_server import VllmServer, free_port, ngram_config  # noqa: E402
 from sidecar.buckets import TemperatureBuckets  # noqa: E402
 from sidecar.commands.measure_prompts import builtin  # noqa: E402
@@ -66,62 +65,6 @@ def rules_copy(text: str, window: str, for_: str, min_requests: int) -> str:
     if "record: specdec:baseline_min_requests:threshold" in text and n != 1:
         raise ValueError("the baseline minimum rule changed shape")
     return text
-
-
-class Prometheus:
-    """The Debian prometheus on loopback with the shortened rule copies, scraping the given pods."""
-
-    def __init__(self, workdir: Path, targets: dict[str, int], window: str, for_: str, min_requests: int) -> None:
-        import yaml
-
-        binary = find_binary("prometheus")
-        if binary is None:
-            raise FileNotFoundError("prometheus is not installed (make system-deps)")
-        workdir.mkdir(parents=True, exist_ok=True)
-        rules = []
-        for name in ("recording-rules.yaml", "alerts.yaml"):
-            copy = workdir / name
-            copy.write_text(rules_copy((REPO / "alerts" / name).read_text(), window, for_, min_requests))
-            rules.append(str(copy))
-        self.port = free_port()
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": rules,
-            "scrape_configs": [{
-                "job_name": "specdec-sidecar",
-                "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": NAMESPACE, "pod": pod}}
-                                   for pod, port in targets.items()],
-            }],
-        }))
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "ab"), start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def query(self, expr: str) -> list[dict]:
-        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        with urllib.request.urlopen(url, timeout=10) as r:
-            body = json.loads(r.read())
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2):
-                    return
-            except OSError:
-                time.sleep(0.3)
-        raise TimeoutError("prometheus not ready")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 class PinnedVllm(VllmServer):
@@ -300,7 +243,7 @@ class Arms:
             for s in self.sidecars.values():
                 s.wait_ready()
             self.prom = Prometheus(out / "prometheus", {PODS[a]: s.metrics_port for a, s in self.sidecars.items()},
-                                   window, for_, min_requests)
+                                   lambda text: rules_copy(text, window, for_, min_requests), NAMESPACE)
             self.prom.wait_ready()
             deadline = time.monotonic() + 30
             while arms_seen(self.prom) != {PODS["speculative"]: 1.0, PODS["baseline"]: 0.0}:

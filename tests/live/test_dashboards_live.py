@@ -29,19 +29,16 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
-import yaml
-
-from fakes import free_port, start_sidecar, wait_for
-from devstack.alerting_stack import find_binary, shorten_rules
-from devstack.vllm_server import REPO
 from browser import Page, assert_self_contained, dump_dom, percent, screenshot
+from fakes import start_sidecar, wait_for
+
+from devstack.alerting_stack import LoopbackPrometheus, find_binary, shorten_rules
+from devstack.vllm_server import REPO
 from tools.dashboards import DASHBOARDS, panels_of
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600), pytest.mark.asyncio(loop_scope="module")]
@@ -68,43 +65,6 @@ NO_DATA_HERE = {
     # cAdvisor's container_cpu_cfs_* come from the kubelet (kube-prometheus-stack's kubelet job); no kubelet here
     ("Sidecar container CPU throttling", "A"): "no cAdvisor series without a kubelet",
 }
-
-
-class Prometheus:
-    """The Debian prometheus on loopback, loading the project's rule files, scraping the given pods."""
-
-    def __init__(self, workdir: Path, targets: dict[str, int]) -> None:
-        binary = find_binary("prometheus")
-        if binary is None:
-            pytest.fail("prometheus is not installed (make test installs it)")
-        self.port = free_port()
-        rules = []
-        for name in ("recording-rules.yaml", "alerts.yaml"):
-            copy = workdir / name
-            copy.write_text(shorten_rules((REPO / "alerts" / name).read_text(), window="5m", for_="1s"))
-            rules.append(str(copy))
-        (workdir / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": rules,
-            "scrape_configs": [{
-                "job_name": "specdec-sidecar",
-                "static_configs": [{"targets": [f"127.0.0.1:{port}"], "labels": {"namespace": NAMESPACE, "pod": pod}}
-                                   for pod, port in targets.items()],
-            }],
-        }))
-        self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=subprocess.DEVNULL, stderr=open(workdir / "prometheus.log", "ab"), start_new_session=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 async def api(session: aiohttp.ClientSession, url: str, path: str, **params) -> dict:
@@ -138,7 +98,10 @@ async def traffic(session, proxy: str, temperature: float, workers: int, seconds
 async def stack(selfdraft_vllm, tmp_path_factory):
     """Two sidecars over one real vLLM, a real Prometheus scraping them, and traffic already sent."""
     sidecars = {pod: await start_sidecar(selfdraft_vllm.url, wait_up=True) for pod in PODS}
-    prometheus = Prometheus(tmp_path_factory.mktemp("prometheus"), {pod: s.port for pod, s in sidecars.items()})
+    if find_binary("prometheus") is None:
+        pytest.fail("prometheus is not installed (make test installs it)")
+    prometheus = LoopbackPrometheus(tmp_path_factory.mktemp("prometheus"), {pod: s.port for pod, s in sidecars.items()},
+                                    lambda text: shorten_rules(text, window="5m", for_="1s"), NAMESPACE)
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120))
     try:
         async def scraping() -> bool:

