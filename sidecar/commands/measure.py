@@ -90,8 +90,14 @@ class MeasureSettings(BaseModel):
     concurrency: list[Annotated[int, Field(ge=1)]] = Field(
         [1, 4, 16], description="clients in the closed loop, comma separated")
     requests: int = Field(24, ge=1, description="measured requests per cell and server")
-    warmup: int = Field(2, ge=0, description="unrecorded requests per cell and server first")
+    warmup: int = Field(
+        2, ge=0, description="unrecorded requests per cell and server first, at least one per client (0 = none)")
     rounds: int = Field(2, ge=1, description="turns per cell, servers alternating and the order flipping each turn")
+    settle: float = Field(
+        1.5, ge=0, le=60, allow_inf_nan=False,
+        description="seconds of rest before a batch on one server after a batch on the other (vLLM busy-polls "
+        "for 1 s after its last step, taking CPU from the other server where they share a host)",
+        json_schema_extra={"metavar": "SECONDS"})
     max_tokens: int = Field(128, ge=2, description="max_tokens of each request")
     ignore_eos: bool = Field(False, description="send vLLM's ignore_eos so every completion runs to --max-tokens")
     prompts: Annotated[measure_prompts.PromptSet, PlainValidator(
@@ -185,6 +191,7 @@ class Runner:
         self.model = model
         self.session = session
         self.headers = _headers(settings)
+        self.last_server: str | None = None
 
     async def one(self, server: str, temperature: float, concurrency: int, round_: int, index: int) -> RequestRecord:
         settings = self.settings
@@ -247,7 +254,14 @@ class Runner:
 
     async def batch(self, server: str, temperature: float, concurrency: int, round_: int, indices: list[int],
                     on_done=None) -> tuple[list[RequestRecord], float]:
-        """Run ``indices`` with ``concurrency`` clients in a closed loop; returns records and wall seconds."""
+        """Run ``indices`` with ``concurrency`` clients in a closed loop; returns records and wall seconds.
+
+        After a batch on the other server it first rests ``--settle`` seconds: vLLM's engine and worker
+        busy-poll their step queues for a second after the last step, and where both servers share CPUs
+        (one host, a CPU build) that spin would slow this batch down and be billed to this server."""
+        if self.last_server not in (None, server) and self.settings.settle:
+            await asyncio.sleep(self.settings.settle)
+        self.last_server = server
         queue = list(reversed(indices))
         records: list[RequestRecord] = []
 
@@ -302,6 +316,12 @@ def _split(total: int, parts: int) -> list[int]:
 Cells = dict[tuple[str, float, int], Cell]
 
 
+def warmup_requests(settings: MeasureSettings, concurrency: int) -> int:
+    """Unrecorded requests before a cell on one server: ``--warmup``, but at least one per client, so the
+    first measured batch is not the first of its size the server runs."""
+    return max(settings.warmup, concurrency) if settings.warmup else 0
+
+
 async def measure_cells(settings: MeasureSettings, console: Console) -> tuple[str, Cells, str | None]:
     """Measure every cell; returns the model measured, the cells and the speculative server's vLLM version."""
     servers = [SPEC] + ([BASELINE] if settings.baseline_url else [])
@@ -312,8 +332,8 @@ async def measure_cells(settings: MeasureSettings, console: Console) -> tuple[st
         version = await read_vllm_version(session, settings.url, headers) if settings.baseline_url else None
         runner = Runner(settings, model, session)
         cells: Cells = {}
-        per_cell = (settings.requests + settings.warmup) * len(servers)
-        total = per_cell * len(settings.temperatures) * len(settings.concurrency)
+        total = sum((settings.requests + warmup_requests(settings, c)) * len(servers) * len(settings.temperatures)
+                    for c in settings.concurrency)
         with Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=False) as progress:
             task = progress.add_task("measuring", total=total)
@@ -323,9 +343,8 @@ async def measure_cells(settings: MeasureSettings, console: Console) -> tuple[st
                     progress.update(task, description=f"T={temperature:g} C={concurrency}")
                     for server in servers:
                         cells[(server, temperature, concurrency)] = Cell(server, temperature, concurrency)
-                        if settings.warmup:
-                            await runner.batch(server, temperature, concurrency, -1,
-                                               list(range(-settings.warmup, 0)), advance)
+                        if warmup := warmup_requests(settings, concurrency):
+                            await runner.batch(server, temperature, concurrency, -1, list(range(-warmup, 0)), advance)
                     next_index = 0
                     for round_, count in enumerate(_split(settings.requests, settings.rounds)):
                         indices = list(range(next_index, next_index + count))
@@ -364,6 +383,7 @@ def build_results(settings: MeasureSettings, model: str, cells: Cells) -> Measur
         requests_per_cell=settings.requests,
         warmup_per_cell=settings.warmup,
         rounds=settings.rounds,
+        settle_seconds=settings.settle,
         temperatures=list(settings.temperatures),
         concurrency=list(settings.concurrency),
         thresholds=ResultThresholds(settings.break_even, settings.near_break_even_upper, settings.neutral_band,

@@ -562,6 +562,7 @@ class MeasureResults:
     requests_per_cell: int
     warmup_per_cell: int
     rounds: int
+    settle_seconds: float
     temperatures: list[float]
     concurrency: list[int]
     thresholds: ResultThresholds

@@ -81,8 +81,9 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         print("against measure:", json.dumps(rows))
         assert {r["bucket"] for r in rows} == {GREEDY, HOT}
         # the same verdict wherever measure's interval excludes 1: the bar of the baseline issue, which this
-        # machine does not hold reliably (docs/baseline.md: measure's greedy cell at 4 concurrent requests read
-        # TPOT 0.33-0.35 in two of three runs, its first tokens 0.5 s or more late, where the live phase read 0.75-1.25)
+        # machine does not hold reliably. measure (resting between the servers since it was found billing one
+        # server's idle spin to the other) now reads greedy as helping or neutral every time; the live phase,
+        # both CPU servers at once on 2 cores, read greedy 0.71-1.25 (docs/baseline.md)
         disagreements = [row for row in rows if row["measure_tpot_verdict"] in ("helps", "hurts")
                          and not row["same_verdict"]]
 

@@ -234,23 +234,25 @@ class RecordedStreams:
         self.events = (FIXTURES / fixture).read_bytes().split(b"\n\n")
         self.burst = burst  # the whole stream in one write, as a held-up server or reader receives it
         self.bodies: list[dict] = []
+        self.spans: list[tuple[float, float]] = []  # (request read, response ended), event-loop time
         self.version = version  # vLLM's /version answer; None: the route is absent (404)
         self.served = models
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         self.bodies.append(await request.json())
+        started = asyncio.get_running_loop().time()
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         if self.burst:
             await asyncio.sleep(0.02)
             await response.write(b"".join(e + b"\n\n" for e in self.events if e.strip()))
-            await response.write_eof()
-            return response
-        for event in self.events:
-            if event.strip():
-                await response.write(event + b"\n\n")
-                await asyncio.sleep(0.002)  # one engine step: TPOT is never zero
+        else:
+            for event in self.events:
+                if event.strip():
+                    await response.write(event + b"\n\n")
+                    await asyncio.sleep(0.002)  # one engine step: TPOT is never zero
         await response.write_eof()
+        self.spans.append((started, asyncio.get_running_loop().time()))
         return response
 
     async def models(self, request: web.Request) -> web.Response:
@@ -293,7 +295,7 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
         code = await _main("measure", "--url", spec_url, "--baseline-url", base_url, "--temperatures", "0,1",
                            "--concurrency", "1,3", "--requests", "6", "--warmup", "1", "--rounds", "2",
                            "--max-tokens", "24", "--bootstrap", "200", "--out", str(out), "--fail-if-hurts-at", "0",
-                           "--method", "ngram")
+                           "--method", "ngram", "--settle", "0")
     assert code in (0, 1)  # the gate depends on timing noise between two identical replays; checked below
     results = json.loads((out / "results.json").read_text())
     truth = _spec_line("completion-stream.sse")
@@ -324,7 +326,8 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     # Every request asked for usage in the stream, an explicit temperature and the chosen length.
     sent = spec_server.bodies + base_server.bodies
-    assert len(sent) == 2 * 2 * 2 * 7
+    # Warm-up: --warmup 1, but at least one request per client (3 at concurrency 3).
+    assert len(sent) == 2 * 2 * ((6 + 1) + (6 + 3))
     assert all(b["stream"] is True and b["stream_options"] == {"include_usage": True} and b["max_tokens"] == 24
                and b["temperature"] in (0.0, 1.0) and b["model"] == "tiny-target" for b in sent)
     # A run with a baseline writes a calibration the sidecar accepts, holding the fit of results.json.
@@ -345,6 +348,33 @@ async def test_measure_cli_writes_results_requests_and_plots(tmp_path):
     assert any(level.by_temperature for level in calibration.levels)
 
 
+async def test_a_batch_on_one_server_starts_settle_seconds_after_the_other_servers_last_response(tmp_path):
+    """vLLM busy-polls for a second after its last step; two servers sharing CPUs measured back to back billed
+    that spin to whichever ran next (on real vLLM: whole batches 0.5-1 s late, speed-ups swinging from 0.15x
+    to 2.45x between identical runs). Switching servers waits --settle; batches on the same server do not."""
+    spec_server = RecordedStreams("completion-stream.sse", version="0.32.0")
+    base_server = RecordedStreams("completion-stream-no-spec-metrics.sse")
+    async with spec_server as spec_url, base_server as base_url:
+        out = tmp_path / "out"
+        code = await _main("measure", "--url", spec_url, "--baseline-url", base_url, "--temperatures", "0",
+                           "--concurrency", "2", "--requests", "4", "--warmup", "1", "--rounds", "2",
+                           "--bootstrap", "100", "--out", str(out), "--no-plots", "--settle", "0.4")
+    assert code in (0, 1)
+    assert json.loads((out / "results.json").read_text())["settle_seconds"] == 0.4
+    spans = sorted([(a, b, SPEC) for a, b in spec_server.spans] + [(a, b, BASELINE) for a, b in base_server.spans])
+    # Batches in order: spec warm-up, baseline warm-up, round 0 spec then baseline, round 1 baseline then spec;
+    # each warm-up sends 2 requests (at least one per client), each round 2 per server.
+    assert [server for _, _, server in spans] == [SPEC] * 2 + [BASELINE] * 2 + [SPEC] * 2 + [BASELINE] * 4 + [SPEC] * 2
+    switches = [i for i in range(1, len(spans)) if spans[i][2] != spans[i - 1][2]]
+    assert len(switches) == 4
+    for i in switches:
+        rest = spans[i][0] - max(end for _, end, server in spans[:i] if server == spans[i - 1][2])
+        assert rest >= 0.4
+    # Round 0's baseline batch and round 1's (the order flips) run back to back: no rest between them.
+    same = spans[8][0] - spans[7][1]
+    assert same < 0.4
+
+
 async def test_a_response_that_arrived_in_one_read_has_no_tpot(tmp_path):
     """Seen on two vLLM servers sharing 2 cores: every baseline request of a cell arrived in one read, their
     TPOT was 0 and the cell's TPOT speed-up divided by 0. No spacing between tokens: no TPOT, and no TPOT
@@ -355,7 +385,7 @@ async def test_a_response_that_arrived_in_one_read_has_no_tpot(tmp_path):
         out = tmp_path / "out"
         code = await _main("measure", "--url", spec_url, "--baseline-url", base_url, "--temperatures", "0",
                            "--concurrency", "1", "--requests", "4", "--warmup", "0", "--rounds", "1",
-                           "--bootstrap", "100", "--out", str(out), "--no-plots", "--method", "ngram")
+                           "--bootstrap", "100", "--out", str(out), "--no-plots", "--method", "ngram", "--settle", "0")
     assert code == 0
     records = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
     assert {r["server"]: r["tpot_s"] is None for r in records} == {SPEC: False, BASELINE: True}
