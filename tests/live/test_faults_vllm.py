@@ -349,8 +349,12 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     # on the upstream (the sidecar had read vLLM before, so it is UpstreamDown, never UpstreamStarting)
     down_alerts = {"SpecDecodeSidecarUpstreamDown", "SpecDecodeProxyErrorRatioHigh",
                    "SpecDecodeProxyUpstreamUnreachable"}
+    # the added-latency alert may stay (or become) pending while vLLM is down: only relayed responses are timed,
+    # so its 30s window then holds the last ones from before the kill, and the 502s keep its traffic guard met
+    # (seen once in CI: pending in the down phase only)
+    latency_pending = {("SpecDecodeProxyAddedLatencyHigh", "pending")}
     assert "SpecDecodeSidecarUpstreamDown" in {name for name, _ in alerts_by_phase["down"]}
-    assert {name for name, _ in alerts_by_phase["down"]} <= down_alerts, alerts_by_phase["down"]
+    assert {name for name, _ in alerts_by_phase["down"] - latency_pending} <= down_alerts, alerts_by_phase["down"]
     assert not {name for name, _ in alerts_by_phase["back"]} & BREAK_EVEN_ALERTS, alerts_by_phase["back"]
     # vLLM's start-up takes both cores of this machine: the sidecar's own time per request really grows for
     # the first requests after it (seen: the added-latency alert pending; the shipped rule waits 15m)
@@ -365,5 +369,5 @@ async def test_vllm_killed_and_restarted_under_traffic(vllm, tmp_path):
     starting = [(s, d) for p, s, d in proxied if p == "starting"]
     assert all(s in (200, 502, 503) for s, _ in starting), sorted({str(s) for s, _ in starting})
     assert all(d < 5.0 for s, d in starting if s != 200), starting
-    assert {name for name, _ in alerts_by_phase["starting"]} <= down_alerts
+    assert {name for name, _ in alerts_by_phase["starting"] - latency_pending} <= down_alerts
     assert any(p == "back" and s == 200 for p, s, _ in proxied), "requests succeed again after the restart"
