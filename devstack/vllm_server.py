@@ -47,6 +47,8 @@ class VllmServer:
     startup_timeout: float = 300.0
     max_model_len: int = 512
     max_num_seqs: int = 32
+    # False: vLLM's queue readers wait without spinning (no_busy_poll/), for two servers sharing a small machine
+    busy_poll: bool = True
     _proc: subprocess.Popen | None = None
 
     @property
@@ -85,6 +87,9 @@ class VllmServer:
             DO_NOT_TRACK="1",
             VLLM_LOGGING_LEVEL=env.get("VLLM_LOGGING_LEVEL", "WARNING"),
         )
+        if not self.busy_poll:
+            hook = str(Path(__file__).resolve().parent / "no_busy_poll")
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (hook, env.get("PYTHONPATH")) if p)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

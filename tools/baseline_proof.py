@@ -2,7 +2,8 @@
 
 1. Two real vLLM servers (CPU build, the project's tiny target): n-gram speculation (k = 4, with per-request
    metrics) and none (the baseline arm, without ``--per-request-spec-decode-metrics``, which vLLM refuses
-   there).
+   there). With ``--no-busy-poll`` both wait on their step queues without spinning (devstack/no_busy_poll):
+   spinning, two CPU servers on 2 cores take the cores from each other and one arm starves for whole phases.
 2. One sidecar in front of each (``--speculative auto``: each detects its arm from vLLM's page), proxies on
    their own ports, as two pods behind one Service.
 3. A real Prometheus scraping both (labels ``namespace``, ``pod``) with the shipped rule files, copied with
@@ -24,7 +25,7 @@
 Everything binds to 127.0.0.1 and is stopped at the end. Writes ``--out/summary.json`` and prints a table.
 Run under the machine-wide lock, one heavy run at a time:
 
-    flock /tmp/heavy.lock .venv/bin/python tools/baseline_proof.py --out baseline-run
+    flock /tmp/heavy.lock .venv/bin/python tools/baseline_proof.py --out baseline-run --cpus "" --no-busy-poll
 """
 
 from __future__ import annotations
@@ -205,13 +206,15 @@ def read_level(prom: Prometheus) -> dict:
     return out
 
 
-def start_servers(out: Path, cpus: str = "0,1", whole: bool = False) -> tuple[PinnedVllm, PinnedVllm]:
+def start_servers(out: Path, cpus: str = "0,1", whole: bool = False,
+                  busy_poll: bool = True) -> tuple[PinnedVllm, PinnedVllm]:
     """The speculative (n-gram, k = 4) and the baseline vLLM, started side by side, each on its own core."""
     import threading
 
     pinned = cpus.split(",") if cpus else ["", ""]
-    spec = PinnedVllm(pinned[0], whole, speculative=ngram_config(4), log_path=out / "vllm-spec.log")
-    base = PinnedVllm(pinned[1], whole, speculative=None, log_path=out / "vllm-baseline.log")
+    spec = PinnedVllm(pinned[0], whole, speculative=ngram_config(4), log_path=out / "vllm-spec.log",
+                      busy_poll=busy_poll)
+    base = PinnedVllm(pinned[1], whole, speculative=None, log_path=out / "vllm-baseline.log", busy_poll=busy_poll)
     errors: list[BaseException] = []
 
     def start(server: PinnedVllm) -> None:
@@ -391,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", default="0,1",
                         help="cores the speculative and the baseline server compute on ('' = vLLM's default, all)")
     parser.add_argument("--taskset", action="store_true", help="confine each server's every process to its core")
+    parser.add_argument("--no-busy-poll", dest="busy_poll", action="store_false",
+                        help="vLLM's queue readers wait without spinning (devstack/no_busy_poll): two servers on a "
+                             "small machine then share its cores")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.clients_per_server.split(",")]
@@ -399,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                      "buckets": {str(t): buckets.bucket(t) for t in temperatures}, "levels": []}
     t0 = time.monotonic()
-    spec, base = start_servers(args.out, args.cpus, args.taskset)
+    spec, base = start_servers(args.out, args.cpus, args.taskset, args.busy_poll)
     arms = None
     try:
         print(f"vLLM up after {time.monotonic() - t0:.0f}s: spec {spec.url}, baseline {base.url}", flush=True)

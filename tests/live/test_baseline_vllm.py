@@ -9,14 +9,17 @@ each arm for 45 s (``balanced``: both arms at the same concurrency, as ``measure
 routing the slower arm holds more of the clients, see docs/baseline.md). Then the baseline's sidecar is
 stopped. About three minutes, most of it vLLM starting.
 
+Both servers run with vLLM's queue readers waiting without spinning (``devstack/no_busy_poll``): spinning, two
+CPU servers on 2 cores take the cores from each other for seconds at a time and one arm answers almost nothing
+in a phase (docs/baseline.md). ``measure`` and the live phase see the same two servers.
+
 Asserted: each arm detected; both arms served the minimum in both buckets and every ratio is recorded; a
 bucket whose live ratio is below 0.9 raises SpecDecodeSlowerThanBaseline and one above 1 does not; wherever
-the paired ``measure``'s 95% interval excludes 1 the live ratio says the same (helps / hurts; on this
-machine it often does not, and the test then ends as an expected failure naming the buckets); with the
-baseline gone every ratio is absent at once and no alert against the baseline remains or appears. Whether greedy requests gain on this
-machine depends on how many cores a server computes on (docs/baseline.md): the test asserts agreement, not
-a direction. The ratio's distance from ``measure``'s point is printed, not asserted (docs/baseline.md has
-the recorded runs).
+the paired ``measure``'s 95% interval excludes 1 the live ratio never gives the opposite verdict (helps /
+hurts), and where it reads neutral or lies more than 25% from ``measure``'s point the test ends as an
+expected failure naming the cells;
+with the baseline gone every ratio is absent at once and no alert against the baseline remains or appears.
+The test asserts agreement, not a direction.
 """
 
 from __future__ import annotations
@@ -40,9 +43,8 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
     if find_binary("prometheus") is None:
         pytest.fail("prometheus is not installed (make test installs it)")
-    # vLLM's default thread binding: each server may use both cores while the other waits (bound to one core
-    # each, a starved speculative server answered nothing within the phase once, with the machine busy)
-    spec, base = start_servers(tmp_path, cpus="")
+    # vLLM's default thread binding (each server may use both cores), its readers waiting without spinning
+    spec, base = start_servers(tmp_path, cpus="", busy_poll=False)
     arms = None
     try:
         # measure first, on a machine where nothing else runs: with the sidecars polling and Prometheus
@@ -50,10 +52,10 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         # live phase just before had 1.25 (vLLM's CPU build computes on both cores; any other process stalls it)
         paired = measured(run_measure(spec.url, base.url, tmp_path / "measure", "0,1", str(CLIENTS_PER_SERVER), 8, 48))
         arms = Arms(spec, base, tmp_path, window="40s", for_="2s", min_requests=15)
-        # Two servers, two sidecars, Prometheus and the load on 2 cores: one server is sometimes starved for a
-        # whole phase (its sidecar's polls of vLLM time out; it answered 4 requests in 45 s once). That is this
-        # machine, not the comparison, so a starved phase is run once more (its 40 s windows then hold the
-        # second phase alone) and the comparison is asserted on a phase where both arms were served.
+        # Two servers, two sidecars, Prometheus and the load on 2 cores: should one server still be starved for
+        # a whole phase (with vLLM spinning, it answered 4 requests in 45 s once), that is this machine, not the
+        # comparison: the phase is run once more (its 40 s windows then hold the second phase alone) and the
+        # comparison is asserted on a phase where both arms were served.
         for attempt in (1, 2):
             reading = arms.level(CLIENTS_PER_SERVER, 45, (0.0, 1.0), turn=5, mix="turns", max_tokens=48,
                                  seed=attempt, routing="balanced")
@@ -80,12 +82,16 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         rows = compare(reading, paired, CLIENTS_PER_SERVER, 0.05)
         print("against measure:", json.dumps(rows))
         assert {r["bucket"] for r in rows} == {GREEDY, HOT}
-        # the same verdict wherever measure's interval excludes 1: the bar of the baseline issue, which this
-        # machine does not hold reliably. measure (resting between the servers since it was found billing one
-        # server's idle spin to the other) now reads greedy as helping or neutral every time; the live phase,
-        # both CPU servers at once on 2 cores, read greedy 0.71-1.25 (docs/baseline.md)
-        disagreements = [row for row in rows if row["measure_tpot_verdict"] in ("helps", "hurts")
-                         and not row["same_verdict"]]
+        # wherever measure's interval excludes 1: the same verdict, and the live ratio within 25% of its point.
+        # The opposite verdict (helps against hurts) fails the test. The points did not always agree since the
+        # servers stopped spinning (live both servers compute at once on the 2 cores, in measure each has them
+        # alone, and the histogram's interpolation moves a ratio by up to a third: docs/baseline.md), and once
+        # a greedy live ratio read 1.05, inside the neutral band, against measure's 1.30: a point outside 25% or
+        # a neutral live reading ends the test as an expected failure naming the cells, after the rest passed
+        decided = [row for row in rows if row["measure_tpot_verdict"] in ("helps", "hurts")]
+        disagreements = [row for row in decided if row["live_verdict"] not in (row["measure_tpot_verdict"], "neutral")]
+        outside = [row for row in decided if row not in disagreements
+                   and not (row["same_verdict"] and row["within_25pct"])]
 
         gone = arms.drop_baseline()
         print("baseline gone:", json.dumps(gone))
@@ -95,10 +101,33 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         against_baseline = ("SpecDecodeSlowerThanBaseline", "SpecDecodeTailRegression")
         assert not [a for a in gone["alerts_after"] if a.startswith(against_baseline)], gone
         assert gone["replicas"] == {"speculative": 1.0}
-        if disagreements:  # reported as an expected failure with the figures, after the rest was checked
-            pytest.xfail(f"live and measure disagree on this machine: {json.dumps(disagreements)}")
+        assert not disagreements, f"live and measure disagree: {json.dumps(disagreements)}"
+        if outside:
+            pytest.xfail("live ratio neutral or more than 25% from measure's point: " + ", ".join(
+                f"{r['bucket']}: live {r['live_tpot_p50_ratio']:.2f} {r['live_verdict']}, measure "
+                f"{r['measure_tpot']['value']:.2f} {r['measure_tpot_verdict']}" for r in outside))
     finally:
         if arms is not None:
             arms.stop()
         spec.stop()
         base.stop()
+
+
+def test_the_no_busy_poll_hook_reaches_vllms_step_queue():
+    """VllmServer(busy_poll=False) puts devstack/no_busy_poll first on vLLM's PYTHONPATH: in vLLM's own Python,
+    the queue readers then block at once and re-check every millisecond (vLLM: spin 1 s, re-check 5 s)."""
+    import os
+    import subprocess
+
+    from devstack.vllm_server import REPO
+
+    if not vllm_python().exists():
+        pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
+    probe = ("from vllm.distributed.device_communicators import shm_broadcast as m; "
+             "print(m.SpinCondition.__init__.__defaults__, m.SHM_READER_RECHECK_INTERVAL_MS)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    plain = subprocess.run([str(vllm_python()), "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    hooked = subprocess.run([str(vllm_python()), "-c", probe], capture_output=True, text=True, timeout=120,
+                            env=env | {"PYTHONPATH": str(REPO / "devstack" / "no_busy_poll")})
+    assert plain.stdout.split() == ["(1,)", "5000"], plain.stdout + plain.stderr
+    assert hooked.stdout.split() == ["(0,)", "1"], hooked.stdout + hooked.stderr
