@@ -17,13 +17,14 @@ import math
 import random
 import statistics
 import sys
+from bisect import bisect_left
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sidecar.decision import histogram_quantile
 from sidecar.tap.metrics import TPOT_BUCKETS
+from sidecar.tap.windows import quantile
 
 EDGE_SETS = {
     "shipped (9 edges)": TPOT_BUCKETS,
@@ -33,15 +34,11 @@ EDGE_SETS = {
 
 
 def p50(values: list[float], edges: tuple[float, ...]) -> float:
+    """The P50 PromQL reads from *values* observed into *edges* (bucketed as the tap does)."""
     counts = [0] * (len(edges) + 1)
     for v in values:
-        counts[next((i for i, e in enumerate(edges) if v <= e), len(edges))] += 1
-    cumulative = []
-    total = 0
-    for c in counts:
-        total += c
-        cumulative.append(total)
-    return histogram_quantile(0.5, list(zip((*edges, math.inf), cumulative)))
+        counts[bisect_left(edges, v)] += 1
+    return quantile(0.5, edges, counts)
 
 
 def lognormal(rng: random.Random, median: float, sigma: float, n: int) -> list[float]:

@@ -75,9 +75,8 @@ class VllmServer:
             cmd += ["--enable-force-include-usage"]
         return cmd + list(self.extra_args)
 
-    def start(self) -> VllmServer:
-        if not self.port:
-            self.port = free_port()
+    def environment(self) -> dict[str, str]:
+        """The server's environment: this process's, offline, quiet, and the no-busy-poll hook if asked for."""
         env = dict(os.environ)
         env.update(
             HF_HUB_OFFLINE="1",
@@ -90,6 +89,12 @@ class VllmServer:
         if not self.busy_poll:
             hook = str(Path(__file__).resolve().parent / "no_busy_poll")
             env["PYTHONPATH"] = os.pathsep.join(p for p in (hook, env.get("PYTHONPATH")) if p)
+        return env
+
+    def start(self) -> VllmServer:
+        if not self.port:
+            self.port = free_port()
+        env = self.environment()
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
             self.command(), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True

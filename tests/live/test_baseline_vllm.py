@@ -116,18 +116,19 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
 def test_the_no_busy_poll_hook_reaches_vllms_step_queue():
     """VllmServer(busy_poll=False) puts devstack/no_busy_poll first on vLLM's PYTHONPATH: in vLLM's own Python,
     the queue readers then block at once and re-check every millisecond (vLLM: spin 1 s, re-check 5 s)."""
-    import os
     import subprocess
 
-    from devstack.vllm_server import REPO
+    from devstack.vllm_server import VllmServer
 
     if not vllm_python().exists():
         pytest.fail(f"vLLM is not installed at {vllm_python()} (run `make vllm`)")
     probe = ("from vllm.distributed.device_communicators import shm_broadcast as m; "
              "print(m.SpinCondition.__init__.__defaults__, m.SHM_READER_RECHECK_INTERVAL_MS)")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    plain = subprocess.run([str(vllm_python()), "-c", probe], env=env, capture_output=True, text=True, timeout=120)
-    hooked = subprocess.run([str(vllm_python()), "-c", probe], capture_output=True, text=True, timeout=120,
-                            env=env | {"PYTHONPATH": str(REPO / "devstack" / "no_busy_poll")})
+
+    def read(server: VllmServer) -> subprocess.CompletedProcess:
+        return subprocess.run([str(vllm_python()), "-c", probe], env=server.environment(), capture_output=True,
+                              text=True, timeout=120)
+
+    plain, hooked = read(VllmServer()), read(VllmServer(busy_poll=False))
     assert plain.stdout.split() == ["(1,)", "5000"], plain.stdout + plain.stderr
     assert hooked.stdout.split() == ["(0,)", "1"], hooked.stdout + hooked.stderr
