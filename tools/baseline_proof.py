@@ -2,8 +2,11 @@
 
 1. Two real vLLM servers (CPU build, the project's tiny target): n-gram speculation (k = 4, with per-request
    metrics) and none (the baseline arm, without ``--per-request-spec-decode-metrics``, which vLLM refuses
-   there). With ``--no-busy-poll`` both wait on their step queues without spinning (devstack/no_busy_poll):
-   spinning, two CPU servers on 2 cores take the cores from each other and one arm starves for whole phases.
+   there). Each computes on a core of its own (``--cpus``), as two replicas have a machine each: sharing the
+   cores, each server's compute slows down by how busy the other is, and the two arms are then compared at
+   different speeds of the machine, unlike in ``measure``, which runs them in turn. Both wait on their step
+   queues without spinning (devstack/no_busy_poll; ``--busy-poll`` to keep vLLM's spin): spinning, two CPU
+   servers on 2 cores take the cores from each other and one arm starves for whole phases.
 2. One sidecar in front of each (``--speculative auto``: each detects its arm from vLLM's page), proxies on
    their own ports, as two pods behind one Service.
 3. A real Prometheus scraping both (labels ``namespace``, ``pod``) with the shipped rule files, copied with
@@ -25,7 +28,7 @@
 Everything binds to 127.0.0.1 and is stopped at the end. Writes ``--out/summary.json`` and prints a table.
 Run under the machine-wide lock, one heavy run at a time:
 
-    flock /tmp/heavy.lock .venv/bin/python tools/baseline_proof.py --out baseline-run --cpus "" --no-busy-poll
+    flock /tmp/heavy.lock .venv/bin/python tools/baseline_proof.py --out baseline-run
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from devstack.alerting_stack import LoopbackPrometheus as Prometheus  # noqa: E4
 from devstack.vllm_server import VllmServer, free_port, ngram_config  # noqa: E402
 from sidecar.buckets import TemperatureBuckets  # noqa: E402
 from sidecar.commands.measure_prompts import builtin  # noqa: E402
+from sidecar.decision import sample_quantile  # noqa: E402
 
 MODEL = "tiny-target"
 NAMESPACE = "proof"
@@ -71,7 +75,9 @@ def rules_copy(text: str, window: str, for_: str, min_requests: int) -> str:
 class PinnedVllm(VllmServer):
     """A vLLM server whose compute threads have a core of their own (``VLLM_CPU_OMP_THREADS_BIND``): two replicas
     are two machines, and by default vLLM's CPU build binds its threads to every core, so two servers on 2 cores
-    would slow each other down in the live run and not in ``measure``, which runs them in turn. With
+    slow each other down in the live run and not in ``measure``, which runs them in turn (seen: with both on
+    both cores the live arms' TPOTs were 1.3x and 1.8x ``measure``'s, and the greedy ratio 1.80 live against
+    1.29; each on its own core, 1.46 against 1.52). With
     ``whole=True`` every process of the server is confined to that core (``taskset``); its API server then
     competes with its own compute (seen: the baseline's TPOT 5x what ``measure`` found, next to a sidecar, a
     load generator and Prometheus)."""
@@ -137,12 +143,17 @@ class SidecarProc:
 
 
 async def load(proxies: dict[str, str], clients: int, seconds: float, temperatures: tuple[float, ...], turn: float,
-               mix: str, max_tokens: int, seed: int, routing: str = "random") -> Counter:
+               mix: str, max_tokens: int, seed: int, routing: str = "random",
+               timings: list[tuple[str, float, float, float]] | None = None) -> Counter:
     """*clients* closed-loop clients for *seconds*. ``random``: each request to a random arm, as a Service
     spreads them (the slower arm then holds more of the clients: Little's law); ``balanced``: half the
     clients to each arm, so both run at the same concurrency, as ``measure`` compares them. Returns answered
-    requests per (arm, temperature) and failures."""
+    requests per (arm, temperature) and failures; appends (arm, temperature, finished at, TPOT as this client
+    received the tokens, the way ``measure`` times them) to *timings*."""
     import aiohttp
+
+    from sidecar.commands.measure import client_tpot
+    from sidecar.tap.observe import Outcome, SseObserver
 
     prompts = builtin("echo")
     rng = random.Random(seed)
@@ -162,10 +173,17 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
             prompt = prompts[i % len(prompts)]
             body = {"model": MODEL, **prompt.body(), "max_tokens": max_tokens, "temperature": temperature,
                     "stream": True, "stream_options": {"include_usage": True}}
+            observer, outcome = SseObserver(), Outcome()
             try:
                 async with session.post(proxies[arm] + prompt.path, json=body) as r:
-                    await r.read()
+                    async for chunk in r.content.iter_any():
+                        observer.feed(chunk, time.monotonic(), outcome)
+                    now = time.monotonic()
+                    observer.finish(now, outcome)
                     done[(arm, temperature) if r.status == 200 else ("failed", r.status)] += 1
+                    tpot = client_tpot(outcome)
+                    if r.status == 200 and tpot is not None and timings is not None:
+                        timings.append((arm, temperature, now, tpot))
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 done[("failed", type(error).__name__)] += 1
             i += clients
@@ -206,11 +224,52 @@ def read_level(prom: Prometheus) -> dict:
     return out
 
 
-def start_servers(out: Path, cpus: str = "0,1", whole: bool = False,
-                  busy_poll: bool = True) -> tuple[PinnedVllm, PinnedVllm]:
-    """The speculative (n-gram, k = 4) and the baseline vLLM, started side by side, each on its own core."""
+def seconds_of(duration: str) -> float:
+    """A Prometheus duration of one unit (``60s``, ``2m``) in seconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
+    if not match:
+        raise ValueError(f"not a duration: {duration!r}")
+    return float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def client_quantiles(timings: list[tuple[str, float, float, float]], temperatures: tuple[float, ...]) -> dict:
+    """What the load generator itself saw over the rules' window, per bucket: each arm's exact TPOT P50 and P99
+    over the requests it received, and the exact P50 ratio. Beside the recorded ratio it tells the histogram's
+    share of a difference from ``measure`` (interpolation inside a bucket) from the live arms' own."""
+    buckets = TemperatureBuckets()
+    out: dict = {}
+    for temperature in temperatures:
+        bucket = buckets.bucket(temperature)
+        row: dict = {}
+        for arm in PODS:
+            values = [t[3] for t in timings if t[0] == arm and buckets.bucket(t[1]) == bucket]
+            row[f"{arm}_requests"] = len(values)
+            if values:
+                row[f"{arm}_tpot_p50_s"] = sample_quantile(0.5, values)
+                row[f"{arm}_tpot_p99_s"] = sample_quantile(0.99, values)
+        if "baseline_tpot_p50_s" in row and "speculative_tpot_p50_s" in row:
+            row["tpot:p50"] = row["baseline_tpot_p50_s"] / row["speculative_tpot_p50_s"]
+            row["tpot:p99"] = row["baseline_tpot_p99_s"] / row["speculative_tpot_p99_s"]
+        out[bucket] = row
+    return out
+
+
+def own_cores() -> str:
+    """The first two cores this process may run on (``"0,1"`` on a 2-core machine), or ``""`` with fewer."""
+    import os
+
+    cores = sorted(os.sched_getaffinity(0))
+    return f"{cores[0]},{cores[1]}" if len(cores) >= 2 else ""
+
+
+def start_servers(out: Path, cpus: str | None = None, whole: bool = False,
+                  busy_poll: bool = False) -> tuple[PinnedVllm, PinnedVllm]:
+    """The speculative (n-gram, k = 4) and the baseline vLLM, started side by side, each computing on its own core
+    of *cpus* (by default ``own_cores()``; "" = vLLM's default binding, both on every core), waiting without
+    spinning unless *busy_poll*."""
     import threading
 
+    cpus = own_cores() if cpus is None else cpus
     pinned = cpus.split(",") if cpus else ["", ""]
     spec = PinnedVllm(pinned[0], whole, speculative=ngram_config(4), log_path=out / "vllm-spec.log",
                       busy_poll=busy_poll)
@@ -239,6 +298,7 @@ class Arms:
     """A sidecar in front of each server and a Prometheus scraping both with the shortened rule copies."""
 
     def __init__(self, spec: VllmServer, base: VllmServer, out: Path, window: str, for_: str, min_requests: int):
+        self.window_s = seconds_of(window)
         self.sidecars = {"speculative": SidecarProc(spec.url, out / "sidecar-spec.log"),
                          "baseline": SidecarProc(base.url, out / "sidecar-baseline.log")}
         self.prom: Prometheus | None = None
@@ -268,11 +328,15 @@ class Arms:
         assert self.prom is not None
         prom = self.prom
 
+        timings: list[tuple[str, float, float, float]] = []
+
         async def phase() -> tuple[Counter, dict]:
             task = asyncio.create_task(load(self.proxies, 2 * clients_per_server, seconds, temperatures, turn, mix,
-                                            max_tokens, seed, routing))
+                                            max_tokens, seed, routing, timings))
             await asyncio.sleep(seconds - 2)
+            read_at = time.monotonic()
             reading = await asyncio.to_thread(read_level, prom)
+            reading["client"] = client_quantiles([t for t in timings if t[2] > read_at - self.window_s], temperatures)
             return await task, reading
 
         started = time.monotonic()
@@ -363,6 +427,7 @@ def compare(level: dict, measure_cells: dict, concurrency: int, band: float) -> 
         rows.append({
             "bucket": bucket, "concurrency_per_server": c, "live_tpot_p50_ratio": ratio,
             "live_tpot_p99_ratio": live.get("tpot:p99"), "live_ttft_p50_ratio": live.get("ttft:p50"),
+            "client_tpot_p50_ratio": level.get("client", {}).get(bucket, {}).get("tpot:p50"),
             "requests_speculative": live.get("requests_speculative"), "requests_baseline": live.get("requests_baseline"),
             "measure_tpot": m["tpot"], "measure_throughput": m["throughput"], "measure_acceptance": m["acceptance"],
             "measure_tpot_verdict": verdict, "live_verdict": live_verdict,
@@ -391,12 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-measure", action="store_true")
     parser.add_argument("--band", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpus", default="0,1",
-                        help="cores the speculative and the baseline server compute on ('' = vLLM's default, all)")
+    parser.add_argument("--cpus", default=own_cores(),
+                        help="cores the speculative and the baseline server compute on, one each (default: the "
+                             "first two this process may use; '' = vLLM's default, every core for both)")
     parser.add_argument("--taskset", action="store_true", help="confine each server's every process to its core")
-    parser.add_argument("--no-busy-poll", dest="busy_poll", action="store_false",
-                        help="vLLM's queue readers wait without spinning (devstack/no_busy_poll): two servers on a "
-                             "small machine then share its cores")
+    parser.add_argument("--busy-poll", action="store_true",
+                        help="keep vLLM's spin on its step queues (by default its readers wait without spinning, "
+                             "devstack/no_busy_poll: spinning, two servers on a small machine starve each other)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     levels = [int(c) for c in args.clients_per_server.split(",")]
@@ -438,7 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         m = row["measure_tpot"]
         live = row["live_tpot_p50_ratio"]
         print(f"bucket {row['bucket']:>8} C/server {row['concurrency_per_server']} {row['routing']:>8}: live TPOT P50 ratio "
-              f"{'—' if live is None else f'{live:.2f}'} (requests {row['requests_speculative']}/"
+              f"{'—' if live is None else f'{live:.2f}'} (exact at the client "
+              f"{'—' if row['client_tpot_p50_ratio'] is None else format(row['client_tpot_p50_ratio'], '.2f')}; "
+              f"requests {row['requests_speculative']}/"
               f"{row['requests_baseline']}); measure TPOT {m['value'] or 0:.2f} [{m['ci_low'] or 0:.2f}-"
               f"{m['ci_high'] or 0:.2f}] {row['measure_tpot_verdict']}; live {row['live_verdict']}; "
               f"same verdict {row['same_verdict']}, within 25% {row['within_25pct']}")

@@ -185,6 +185,17 @@ def _headers(settings: MeasureSettings) -> dict[str, str]:
     return headers
 
 
+def client_tpot(outcome: Outcome) -> float | None:
+    """Seconds per output token after the first, as this client received them. A response that arrived in one
+    read shows no spacing between its tokens: its TPOT is unknown to this client (the reader or the network held
+    it up), not 0, which would compare as infinitely fast."""
+    tokens = outcome.completion_tokens or 0
+    first, last = outcome.first_token_at, outcome.last_token_at
+    if tokens > 1 and first is not None and last is not None and last > first:
+        return (last - first) / (tokens - 1)
+    return None
+
+
 class Runner:
     def __init__(self, settings: MeasureSettings, model: str, session: aiohttp.ClientSession) -> None:
         self.settings = settings
@@ -230,12 +241,7 @@ class Runner:
         record.content_chunks = outcome.content_chunks
         if outcome.first_token_at is not None:
             record.ttft_s = outcome.first_token_at - started
-            tokens = outcome.completion_tokens or 0
-            first, last = outcome.first_token_at, outcome.last_token_at
-            # A response that arrived in one read shows no spacing between its tokens: its TPOT is unknown to
-            # this client (the reader or the network held it up), not 0, which would compare as infinitely fast.
-            if tokens > 1 and last is not None and last > first:
-                record.tpot_s = (last - first) / (tokens - 1)
+            record.tpot_s = client_tpot(outcome)
         if outcome.stream_error:
             record.error = "vLLM sent an error event in the stream"
             return record
