@@ -18,9 +18,9 @@ cores take the cores from each other for seconds at a time and one arm answers a
 
 Asserted: each arm detected; both arms served the minimum in both buckets and every ratio is recorded; a
 bucket whose live ratio is below 0.9 raises SpecDecodeSlowerThanBaseline and one above 1 does not; wherever
-the paired ``measure``'s 95% interval excludes 1 the live ratio never gives the opposite verdict (helps /
-hurts), and where it reads neutral or lies more than 25% from ``measure``'s point the test ends as an
-expected failure naming the cells;
+the paired ``measure``'s 95% interval excludes 1 the live ratio gives the same verdict (helps / hurts; neutral
+fails), and where it lies more than 25% from ``measure``'s point the test ends as an expected failure naming
+the cells;
 with the baseline gone every ratio is absent at once and no alert against the baseline remains or appears.
 The test asserts agreement, not a direction.
 """
@@ -87,16 +87,14 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         rows = compare(reading, paired, CLIENTS_PER_SERVER, 0.05)
         print("against measure:", json.dumps(rows))
         assert {r["bucket"] for r in rows} == {GREEDY, HOT}
-        # wherever measure's interval excludes 1: the same verdict, and the live ratio within 25% of its point.
-        # The opposite verdict (helps against hurts) fails the test. While both servers computed on both cores
-        # the points did not always agree (live each slowed the other down, in measure each had them alone), and
-        # the histogram's interpolation moves a ratio by up to a third (docs/scaling.md): a point outside 25% or
-        # a neutral live reading ends the test as an expected failure naming the cells, with the exact ratio the
-        # load generator saw beside it, after the rest passed
+        # wherever measure's interval excludes 1: the same verdict (a neutral live reading fails too), and the
+        # live ratio within 25% of its point. With a core each the points held in every run recorded (both
+        # directions, up to -25%: docs/baseline.md); measure's own point with 8 requests per cell moves by a fifth
+        # from run to run (the greedy cell read 1.34 to 1.84 in three runs), so a point outside 25% ends
+        # the test as an expected failure naming the cells, with the exact ratio the load generator saw beside it
         decided = [row for row in rows if row["measure_tpot_verdict"] in ("helps", "hurts")]
-        disagreements = [row for row in decided if row["live_verdict"] not in (row["measure_tpot_verdict"], "neutral")]
-        outside = [row for row in decided if row not in disagreements
-                   and not (row["same_verdict"] and row["within_25pct"])]
+        disagreements = [row for row in decided if row["live_verdict"] != row["measure_tpot_verdict"]]
+        outside = [row for row in decided if row not in disagreements and not row["within_25pct"]]
 
         gone = arms.drop_baseline()
         print("baseline gone:", json.dumps(gone))
@@ -108,7 +106,7 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
         assert gone["replicas"] == {"speculative": 1.0}
         assert not disagreements, f"live and measure disagree: {json.dumps(disagreements)}"
         if outside:
-            pytest.xfail("live ratio neutral or more than 25% from measure's point: " + ", ".join(
+            pytest.xfail("live ratio more than 25% from measure's point: " + ", ".join(
                 f"{r['bucket']}: live {r['live_tpot_p50_ratio']:.2f} {r['live_verdict']} (exact at the client "
                 f"{r['client_tpot_p50_ratio'] or float('nan'):.2f}), measure {r['measure_tpot']['value']:.2f} "
                 f"{r['measure_tpot_verdict']}" for r in outside))
