@@ -144,12 +144,14 @@ class SidecarProc:
 
 async def load(proxies: dict[str, str], clients: int, seconds: float, temperatures: tuple[float, ...], turn: float,
                mix: str, max_tokens: int, seed: int, routing: str = "random",
-               timings: list[tuple[str, float, float, float]] | None = None) -> Counter:
+               timings: list[tuple[str, float, float, float]] | None = None,
+               spans: list[list] | None = None) -> Counter:
     """*clients* closed-loop clients for *seconds*. ``random``: each request to a random arm, as a Service
     spreads them (the slower arm then holds more of the clients: Little's law); ``balanced``: half the
     clients to each arm, so both run at the same concurrency, as ``measure`` compares them. Returns answered
     requests per (arm, temperature) and failures; appends (arm, temperature, finished at, TPOT as this client
-    received the tokens, the way ``measure`` times them) to *timings*."""
+    received the tokens, the way ``measure`` times them) to *timings*, and [arm, started, ended] of every request
+    to *spans* (ended None while it runs)."""
     import aiohttp
 
     from sidecar.commands.measure import client_tpot
@@ -174,6 +176,9 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
             body = {"model": MODEL, **prompt.body(), "max_tokens": max_tokens, "temperature": temperature,
                     "stream": True, "stream_options": {"include_usage": True}}
             observer, outcome = SseObserver(), Outcome()
+            span = [arm, time.monotonic(), None]
+            if spans is not None:
+                spans.append(span)
             try:
                 async with session.post(proxies[arm] + prompt.path, json=body) as r:
                     async for chunk in r.content.iter_any():
@@ -186,6 +191,7 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
                         timings.append((arm, temperature, now, tpot))
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 done[("failed", type(error).__name__)] += 1
+            span[2] = time.monotonic()
             i += clients
 
     timeout = aiohttp.ClientTimeout(total=120)
@@ -230,6 +236,18 @@ def seconds_of(duration: str) -> float:
     if not match:
         raise ValueError(f"not a duration: {duration!r}")
     return float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def mean_in_flight(spans: list[list], start: float, end: float) -> dict[str, float]:
+    """Each arm's requests in flight from this load generator, averaged over [start, end]: the load each arm
+    really carried (a Service's random spread gives the slower arm more of it), exact where vLLM's running gauge
+    is a sample at each poll."""
+    out = {arm: 0.0 for arm in PODS}
+    for arm, began, ended in spans:
+        overlap = min(end if ended is None else ended, end) - max(began, start)
+        if overlap > 0:
+            out[arm] += overlap / (end - start)
+    return out
 
 
 def client_quantiles(timings: list[tuple[str, float, float, float]], temperatures: tuple[float, ...]) -> dict:
@@ -329,14 +347,17 @@ class Arms:
         prom = self.prom
 
         timings: list[tuple[str, float, float, float]] = []
+        spans: list[list] = []
 
         async def phase() -> tuple[Counter, dict]:
             task = asyncio.create_task(load(self.proxies, 2 * clients_per_server, seconds, temperatures, turn, mix,
-                                            max_tokens, seed, routing, timings))
+                                            max_tokens, seed, routing, timings, spans))
             await asyncio.sleep(seconds - 2)
             read_at = time.monotonic()
             reading = await asyncio.to_thread(read_level, prom)
             reading["client"] = client_quantiles([t for t in timings if t[2] > read_at - self.window_s], temperatures)
+            reading["in_flight"] = mean_in_flight(spans, max(read_at - self.window_s, spans[0][1] if spans else 0),
+                                                  read_at)
             return await task, reading
 
         started = time.monotonic()
@@ -428,6 +449,7 @@ def compare(level: dict, measure_cells: dict, concurrency: int, band: float) -> 
             "bucket": bucket, "concurrency_per_server": c, "live_tpot_p50_ratio": ratio,
             "live_tpot_p99_ratio": live.get("tpot:p99"), "live_ttft_p50_ratio": live.get("ttft:p50"),
             "client_tpot_p50_ratio": level.get("client", {}).get(bucket, {}).get("tpot:p50"),
+            "in_flight": level.get("in_flight"),
             "requests_speculative": live.get("requests_speculative"), "requests_baseline": live.get("requests_baseline"),
             "measure_tpot": m["tpot"], "measure_throughput": m["throughput"], "measure_acceptance": m["acceptance"],
             "measure_tpot_verdict": verdict, "live_verdict": live_verdict,
@@ -506,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bucket {row['bucket']:>8} C/server {row['concurrency_per_server']} {row['routing']:>8}: live TPOT P50 ratio "
               f"{'—' if live is None else f'{live:.2f}'} (exact at the client "
               f"{'—' if row['client_tpot_p50_ratio'] is None else format(row['client_tpot_p50_ratio'], '.2f')}; "
+              f"in flight {'/'.join(format(v, '.1f') for v in (row['in_flight'] or {}).values())}; "
               f"requests {row['requests_speculative']}/"
               f"{row['requests_baseline']}); measure TPOT {m['value'] or 0:.2f} [{m['ci_low'] or 0:.2f}-"
               f"{m['ci_high'] or 0:.2f}] {row['measure_tpot_verdict']}; live {row['live_verdict']}; "

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.baseline_proof import client_quantiles, compare, rules_copy, seconds_of, tpot_verdict
+from tools.baseline_proof import client_quantiles, compare, mean_in_flight, rules_copy, seconds_of, tpot_verdict
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,3 +81,11 @@ def test_compare_reads_the_live_ratio_beside_measures_point():
     assert greedy["same_verdict"] and greedy["within_25pct"] and greedy["client_tpot_p50_ratio"] == 1.46
     assert hot["live_verdict"] == "neutral" and hot["same_verdict"] is False and hot["within_25pct"] is False
     assert hot["client_tpot_p50_ratio"] is None
+
+
+def test_mean_in_flight_counts_each_arms_requests_over_the_window_only():
+    spans = [["baseline", 0.0, 10.0],      # the whole window
+             ["baseline", 5.0, None],      # still running at the end: half the window
+             ["speculative", -5.0, 2.0],   # began before the window: 2 s of it
+             ["speculative", 12.0, 20.0]]  # after the window: none
+    assert mean_in_flight(spans, 0.0, 10.0) == pytest.approx({"speculative": 0.2, "baseline": 1.5})
