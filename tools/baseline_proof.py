@@ -150,8 +150,8 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
     spreads them (the slower arm then holds more of the clients: Little's law); ``balanced``: half the
     clients to each arm, so both run at the same concurrency, as ``measure`` compares them. Returns answered
     requests per (arm, temperature) and failures; appends (arm, temperature, finished at, TPOT as this client
-    received the tokens, the way ``measure`` times them) to *timings*, and [arm, started, ended] of every request
-    to *spans* (ended None while it runs)."""
+    received the tokens, the way ``measure`` times them) to *timings*, and [arm, temperature, started, ended] of
+    every request to *spans* (ended None while it runs)."""
     import aiohttp
 
     from sidecar.commands.measure import client_tpot
@@ -176,7 +176,7 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
             body = {"model": MODEL, **prompt.body(), "max_tokens": max_tokens, "temperature": temperature,
                     "stream": True, "stream_options": {"include_usage": True}}
             observer, outcome = SseObserver(), Outcome()
-            span = [arm, time.monotonic(), None]
+            span = [arm, temperature, time.monotonic(), None]
             if spans is not None:
                 spans.append(span)
             try:
@@ -191,7 +191,7 @@ async def load(proxies: dict[str, str], clients: int, seconds: float, temperatur
                         timings.append((arm, temperature, now, tpot))
             except (aiohttp.ClientError, asyncio.TimeoutError) as error:
                 done[("failed", type(error).__name__)] += 1
-            span[2] = time.monotonic()
+            span[3] = time.monotonic()
             i += clients
 
     timeout = aiohttp.ClientTimeout(total=120)
@@ -238,16 +238,31 @@ def seconds_of(duration: str) -> float:
     return float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
-def mean_in_flight(spans: list[list], start: float, end: float) -> dict[str, float]:
-    """Each arm's requests in flight from this load generator, averaged over [start, end]: the load each arm
-    really carried (a Service's random spread gives the slower arm more of it), exact where vLLM's running gauge
-    is a sample at each poll."""
-    out = {arm: 0.0 for arm in PODS}
-    for arm, began, ended in spans:
-        overlap = min(end if ended is None else ended, end) - max(began, start)
-        if overlap > 0:
-            out[arm] += overlap / (end - start)
-    return out
+def mean_in_flight(spans: list[list], start: float, end: float) -> dict[str, dict[str, float]]:
+    """The load each arm really carried over [start, end], from this load generator's own requests (vLLM's running
+    gauge is a sample at each poll): per bucket, each arm's requests of that bucket in flight, averaged over the
+    time any request of the bucket was in flight (with temperature turns, over the bucket's turns); under
+    ``model``, all requests averaged over the whole window. A Service's random spread gives the arm that is
+    slower for a bucket more of that bucket's clients."""
+    buckets = TemperatureBuckets()
+    busy: dict[str, dict[str, float]] = {}
+    intervals: dict[str, list[tuple[float, float]]] = {}
+    for arm, temperature, began, ended in spans:
+        low, high = max(began, start), min(end if ended is None else ended, end)
+        if high <= low:
+            continue
+        for key in (buckets.bucket(temperature), "model"):
+            busy.setdefault(key, dict.fromkeys(PODS, 0.0))[arm] += high - low
+        intervals.setdefault(buckets.bucket(temperature), []).append((low, high))
+    spent = {"model": end - start}
+    for bucket, spans_of in intervals.items():  # the union of the bucket's intervals
+        total, reach = 0.0, start
+        for low, high in sorted(spans_of):
+            if high > reach:
+                total += high - max(low, reach)
+                reach = high
+        spent[bucket] = total
+    return {key: {arm: seconds / spent[key] for arm, seconds in arms.items()} for key, arms in busy.items()}
 
 
 def client_quantiles(timings: list[tuple[str, float, float, float]], temperatures: tuple[float, ...]) -> dict:
@@ -356,7 +371,7 @@ class Arms:
             read_at = time.monotonic()
             reading = await asyncio.to_thread(read_level, prom)
             reading["client"] = client_quantiles([t for t in timings if t[2] > read_at - self.window_s], temperatures)
-            reading["in_flight"] = mean_in_flight(spans, max(read_at - self.window_s, spans[0][1] if spans else 0),
+            reading["in_flight"] = mean_in_flight(spans, max(read_at - self.window_s, spans[0][2] if spans else 0),
                                                   read_at)
             return await task, reading
 
@@ -449,7 +464,7 @@ def compare(level: dict, measure_cells: dict, concurrency: int, band: float) -> 
             "bucket": bucket, "concurrency_per_server": c, "live_tpot_p50_ratio": ratio,
             "live_tpot_p99_ratio": live.get("tpot:p99"), "live_ttft_p50_ratio": live.get("ttft:p50"),
             "client_tpot_p50_ratio": level.get("client", {}).get(bucket, {}).get("tpot:p50"),
-            "in_flight": level.get("in_flight"),
+            "in_flight": level.get("in_flight", {}).get(bucket),
             "requests_speculative": live.get("requests_speculative"), "requests_baseline": live.get("requests_baseline"),
             "measure_tpot": m["tpot"], "measure_throughput": m["throughput"], "measure_acceptance": m["acceptance"],
             "measure_tpot_verdict": verdict, "live_verdict": live_verdict,

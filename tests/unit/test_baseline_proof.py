@@ -83,9 +83,16 @@ def test_compare_reads_the_live_ratio_beside_measures_point():
     assert hot["client_tpot_p50_ratio"] is None
 
 
-def test_mean_in_flight_counts_each_arms_requests_over_the_window_only():
-    spans = [["baseline", 0.0, 10.0],      # the whole window
-             ["baseline", 5.0, None],      # still running at the end: half the window
-             ["speculative", -5.0, 2.0],   # began before the window: 2 s of it
-             ["speculative", 12.0, 20.0]]  # after the window: none
-    assert mean_in_flight(spans, 0.0, 10.0) == pytest.approx({"speculative": 0.2, "baseline": 1.5})
+def test_mean_in_flight_per_bucket_over_the_buckets_own_time_and_per_model_over_the_window():
+    spans = [["baseline", 0.0, 0.0, 10.0],      # greedy, the whole window
+             ["baseline", 0.0, 5.0, None],      # greedy, still running at the end: half the window
+             ["speculative", 0.0, -5.0, 2.0],   # greedy, began before the window: 2 s of it
+             ["speculative", 1.0, 12.0, 20.0],  # after the window: none
+             ["speculative", 1.0, 4.0, 6.0],    # sampled, 2 s: the only sampled time in the window
+             ["baseline", 1.0, 5.0, 6.0]]
+    out = mean_in_flight(spans, 0.0, 10.0)
+    # greedy requests ran for the whole 10 s: baseline 15 s of requests, speculative 2 s
+    assert out["0"] == pytest.approx({"speculative": 0.2, "baseline": 1.5})
+    # sampled ones for 2 s (4-6): speculative 2 s, baseline 1 s of them
+    assert out["0.7-1.0"] == pytest.approx({"speculative": 1.0, "baseline": 0.5})
+    assert out["model"] == pytest.approx({"speculative": 0.4, "baseline": 1.6})
