@@ -52,6 +52,7 @@ from devstack.alerting_stack import LoopbackPrometheus as Prometheus  # noqa: E4
 from devstack.vllm_server import VllmServer, free_port, ngram_config  # noqa: E402
 from sidecar.buckets import TemperatureBuckets  # noqa: E402
 from sidecar.commands.measure_prompts import builtin  # noqa: E402
+from sidecar.config import parse_duration  # noqa: E402
 from sidecar.decision import sample_quantile  # noqa: E402
 
 MODEL = "tiny-target"
@@ -90,20 +91,12 @@ class PinnedVllm(VllmServer):
     def command(self) -> list[str]:
         return ["taskset", "-c", self.cpu, *super().command()] if self.cpu and self.whole else super().command()
 
-    def start(self) -> PinnedVllm:
-        import os
-
-        before = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    def environment(self) -> dict[str, str]:
+        # in the server's own environment, not this process's: start_servers starts both at once, in threads
+        env = super().environment()
         if self.cpu:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu
-        try:
-            super().start()
-        finally:
-            if before is None:
-                os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-            else:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = before
-        return self
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cpu
+        return env
 
 
 class SidecarProc:
@@ -231,11 +224,11 @@ def read_level(prom: Prometheus) -> dict:
 
 
 def seconds_of(duration: str) -> float:
-    """A Prometheus duration of one unit (``60s``, ``2m``) in seconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", duration)
-    if not match:
+    """A duration of one unit (``60s``, ``2m``) in seconds: the unit is required, as in PromQL, where the
+    window goes too."""
+    if not re.fullmatch(r"\d+(?:\.\d+)?(?:ms|s|m|h)", duration):
         raise ValueError(f"not a duration: {duration!r}")
-    return float(match[1]) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match[2]]
+    return parse_duration(duration)
 
 
 def mean_in_flight(spans: list[list], start: float, end: float) -> dict[str, dict[str, float]]:

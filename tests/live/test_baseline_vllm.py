@@ -47,9 +47,10 @@ def test_live_ratios_agree_with_measure_and_an_arm_leaving_raises_nothing(tmp_pa
     if find_binary("prometheus") is None:
         pytest.fail("prometheus is not installed (make test installs it)")
     # each server's compute on a core of its own, its readers waiting without spinning
-    if not own_cores():
+    cores = own_cores()
+    if not cores:
         pytest.skip("two servers on their own cores need at least 2 cores")
-    spec, base = start_servers(tmp_path, cpus=own_cores(), busy_poll=False)
+    spec, base = start_servers(tmp_path, cpus=cores, busy_poll=False)
     arms = None
     try:
         # measure first, on a machine where nothing else runs: with the sidecars polling and Prometheus
